@@ -1,0 +1,450 @@
+"""FAISS vector indexes described by a spec string, with compressed codes and rescoring.
+
+Specs (faiss factory style; the spec is data: it is saved in the manifest and compared on load):
+
+    Flat, HNSW32              float32 vectors, inner product
+    SQ8, HNSW32,SQ8           int8 codes (ranges calibrated on the corpus); float query vs int8 codes
+    BFlat, BHNSW32, BIVF256   packed binary codes (dim/8 bytes), Hamming distance
+
+Every added vector is also appended to an on-disk float32 file (and, for `rescore_with="int8"`, an
+int8 code file). Those files are memory-mapped, not loaded: they serve rescoring of binary/int8
+candidates, exact search under metadata filters, and re-quantisation. FAISS labels are row numbers;
+`ids.npy` maps rows to the caller's ids. Deleting uses FAISS `remove_ids` where the index supports it
+and a tombstone otherwise (HNSW), so neither adding nor deleting rebuilds the index.
+
+Saving is crash-safe: data files of generation g+1 are written beside those of g, then the manifest
+is atomically replaced; a crash at any point leaves generation g readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from encoders.compress import (
+    BinaryCalibration,
+    Int8Calibration,
+    dequantize_int8,
+    normalize,
+    quantize_int8,
+    quantize_ubinary,
+)
+from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
+from index.atomic import fsync_dir, write_json, write_npy, write_with
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_SPEC_RE = re.compile(r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
+                      r"|BHNSW(?P<bhnsw>\d+)|BIVF(?P<bivf>\d+))$")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A parsed spec string."""
+
+    text: str
+    family: Literal["flat", "hnsw", "sq8", "hnsw_sq8", "bflat", "bhnsw", "bivf"]
+    param: int = 0
+
+    @property
+    def precision(self) -> str:
+        if self.family in ("bflat", "bhnsw", "bivf"):
+            return "ubinary"
+        return "int8" if self.family in ("sq8", "hnsw_sq8") else "float32"
+
+    @property
+    def removable(self) -> bool:
+        return self.family not in ("hnsw", "hnsw_sq8", "bhnsw")
+
+
+def parse_spec(spec: str) -> IndexSpec:
+    """Parse an index spec; raises InvalidInputError listing the accepted forms."""
+    m = _SPEC_RE.match(spec.strip())
+    if not m:
+        raise InvalidInputError(
+            f"unknown index spec {spec!r}: use Flat, HNSW<M>, SQ8, HNSW<M>,SQ8, BFlat, BHNSW<M> or BIVF<nlist>"
+        )
+    if m["flat"]:
+        return IndexSpec(spec, "flat")
+    if m["hnsw"]:
+        return IndexSpec(spec, "hnsw_sq8" if m["hnsq"] else "hnsw", int(m["hnsw"]))
+    if m["sq"]:
+        return IndexSpec(spec, "sq8")
+    if m["bflat"]:
+        return IndexSpec(spec, "bflat")
+    if m["bhnsw"]:
+        return IndexSpec(spec, "bhnsw", int(m["bhnsw"]))
+    return IndexSpec(spec, "bivf", int(m["bivf"]))
+
+
+class RowStore:
+    """Append-only fixed-width rows, either in RAM or in a file that is memory-mapped for reads."""
+
+    def __init__(self, dtype: str, dim: int, path: Path | None = None, count: int = 0):
+        self.dtype, self.dim, self.path, self.count = np.dtype(dtype), dim, path, count
+        self._ram: list[np.ndarray] = []
+        self._map: np.ndarray | None = None
+        if path is not None:
+            size = path.stat().st_size if path.exists() else 0
+            if size < count * self.row_bytes:
+                raise CorruptIndexError(f"{path} holds fewer rows than the manifest says: rebuild the index")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.dtype.itemsize
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if self.path is None:
+            self._ram.append(rows)
+        else:
+            mode = "r+b" if self.path.exists() else "w+b"
+            with open(self.path, mode) as fh:
+                # Bytes past `count` are left-overs of an append that was never saved: overwrite them.
+                fh.seek(self.count * self.row_bytes)
+                fh.write(rows.tobytes())
+                fh.truncate()
+            self._map = None
+        self.count += len(rows)
+
+    def array(self) -> np.ndarray:
+        """All rows; a read-only memory map when file-backed."""
+        if self.path is None:
+            if len(self._ram) != 1:
+                self._ram = [np.concatenate(self._ram) if self._ram else np.zeros((0, self.dim), self.dtype)]
+            return self._ram[0]
+        if self._map is None or len(self._map) != self.count:
+            if self.count == 0:
+                return np.zeros((0, self.dim), self.dtype)
+            self._map = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.count, self.dim))
+        return self._map
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array()[np.sort(rows)][np.argsort(np.argsort(rows))])
+
+    def save_to(self, path: Path) -> None:
+        """Make `path` hold exactly these rows (durably), and read from it from now on."""
+        if self.path is not None and self.path.resolve() == path.resolve():
+            with open(path, "r+b") as fh:
+                fh.truncate(self.count * self.row_bytes)
+                os.fsync(fh.fileno())
+            return
+        data = np.ascontiguousarray(self.array())
+        write_with(path, lambda tmp: data.tofile(tmp))
+        self.path, self._ram, self._map = path, [], None
+
+
+class VectorIndex:
+    """A FAISS index plus the row stores, calibrations and id map that make it a usable index."""
+
+    def __init__(self, spec: str, dim: int, *, encoder: str = "", rescore_with: str = "float32",
+                 binary_method: str = "itq"):
+        self.spec = parse_spec(spec)
+        if dim <= 0 or (self.spec.precision == "ubinary" and dim % 8):
+            raise DimensionMismatchError(f"dimension {dim} does not suit {spec}: binary codes need a multiple of 8")
+        if rescore_with not in ("float32", "int8"):
+            raise InvalidInputError(f"rescore_with must be float32 or int8, not {rescore_with!r}")
+        self.dim, self.encoder, self.rescore_with, self.binary_method = dim, encoder, rescore_with, binary_method
+        self.int8: Int8Calibration | None = None
+        self.binary: BinaryCalibration | None = None
+        self.index = self._new_faiss()
+        self.row_ids = np.zeros(0, dtype=np.int64)
+        self._row_of: dict[int, int] | None = None
+        self.floats = RowStore("float32", dim)
+        self.codes: RowStore | None = RowStore("int8", dim) if rescore_with == "int8" else None
+        self.directory: Path | None = None
+        self.generation = 0
+        self.ef_search = 64
+        self.nprobe = max(1, self.spec.param // 8) if self.spec.family == "bivf" else 1
+
+    # -- construction -------------------------------------------------------------------------
+    def _new_faiss(self):
+        s, d, ip = self.spec, self.dim, faiss.METRIC_INNER_PRODUCT
+        if s.family == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        if s.family == "hnsw":
+            return faiss.IndexHNSWFlat(d, s.param, ip)
+        if s.family == "sq8":
+            return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip))
+        if s.family == "hnsw_sq8":
+            return faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, s.param, ip)
+        if s.family == "bflat":
+            return faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(d))
+        if s.family == "bhnsw":
+            return faiss.IndexBinaryHNSW(d, s.param)
+        quantizer = faiss.IndexBinaryFlat(d)
+        ivf = faiss.IndexBinaryIVF(quantizer, d, s.param)
+        ivf.own_fields = True
+        quantizer.this.disown()
+        return ivf
+
+    @property
+    def fitted(self) -> bool:
+        needs_int8 = self.spec.precision == "int8" or self.rescore_with == "int8"
+        needs_binary = self.spec.precision == "ubinary"
+        return (not needs_int8 or self.int8 is not None) and (not needs_binary or self.binary is not None)
+
+    def fit(self, vectors: np.ndarray) -> None:
+        """Calibrate codes on corpus vectors (int8 ranges, binary centring/rotation, IVF centroids)."""
+        x = self._check(vectors)
+        if len(x) == 0:
+            raise InvalidInputError("cannot calibrate an index on zero vectors")
+        if self.spec.precision == "int8" or self.rescore_with == "int8":
+            self.int8 = Int8Calibration.fit(x)
+        if self.spec.precision == "int8":
+            sq = faiss.downcast_index(self.index.index if self.spec.family == "sq8" else self.index.storage)
+            faiss.copy_array_to_vector(np.concatenate([self.int8.lo, self.int8.hi - self.int8.lo]), sq.sq.trained)
+            sq.is_trained = True
+            self.index.is_trained = True
+        if self.spec.precision == "ubinary":
+            self.binary = BinaryCalibration.fit(x, self.binary_method)  # type: ignore[arg-type]
+            if self.spec.family == "bivf":
+                if len(x) < self.spec.param:
+                    raise InvalidInputError(f"{self.spec.text} needs at least {self.spec.param} vectors to train")
+                self.index.train(quantize_ubinary(x, self.binary))
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        """Number of live (not deleted) vectors."""
+        return int((self.row_ids >= 0).sum())
+
+    def _check(self, vectors: np.ndarray) -> np.ndarray:
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DimensionMismatchError(
+                f"vectors have shape {x.shape}, this index holds {self.dim}-dim vectors: use the encoder and "
+                f"dim it was built with ({self.encoder or 'see manifest.json'})"
+            )
+        return x
+
+    def _rows_of(self) -> dict[int, int]:
+        if self._row_of is None:
+            live = np.flatnonzero(self.row_ids >= 0)
+            self._row_of = dict(zip(self.row_ids[live].tolist(), live.tolist(), strict=True))
+        return self._row_of
+
+    def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        """Add vectors under caller-chosen int64 ids (each id at most once; remove it first to replace)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        x = normalize(self._check(vectors))
+        if len(ids) != len(x):
+            raise InvalidInputError(f"{len(ids)} ids for {len(x)} vectors")
+        if len(x) == 0:
+            return
+        if (ids < 0).any():
+            raise InvalidInputError("ids must be non-negative")
+        row_of = self._rows_of()
+        dup = [i for i in ids.tolist() if i in row_of]
+        if dup or len(np.unique(ids)) != len(ids):
+            raise InvalidInputError(f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first")
+        if not self.fitted:
+            self.fit(x)
+        start = len(self.row_ids)
+        rows = np.arange(start, start + len(x), dtype=np.int64)
+        codes = self._encode_for_index(x)
+        if self.spec.family in ("hnsw", "hnsw_sq8", "bhnsw"):
+            self.index.add(codes)  # sequential labels == row numbers (HNSW never removes)
+        else:
+            self.index.add_with_ids(codes, rows)
+        self.floats.append(x)
+        if self.codes is not None:
+            self.codes.append(quantize_int8(x, self.int8))
+        self.row_ids = np.concatenate([self.row_ids, ids])
+        row_of.update(zip(ids.tolist(), rows.tolist(), strict=True))
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Delete vectors by id; unknown ids are ignored. Returns how many were removed."""
+        row_of = self._rows_of()
+        rows = np.array([row_of.pop(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist() if i in row_of],
+                        dtype=np.int64)
+        if len(rows) == 0:
+            return 0
+        if self.spec.removable:
+            self.index.remove_ids(rows)
+        self.row_ids[rows] = -1
+        return len(rows)
+
+    def _encode_for_index(self, x: np.ndarray) -> np.ndarray:
+        return quantize_ubinary(x, self.binary) if self.spec.precision == "ubinary" else x
+
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, *, rescore: int = 1,
+               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query; ids are -1 where fewer than k vectors qualify.
+
+        `rescore` > 1 fetches `rescore * k` candidates from the compressed index and re-ranks them by
+        the float query against the stored float vectors (or int8 codes). `allowed_ids` restricts the
+        search to those ids (metadata filters) and is answered exactly from the stored vectors.
+        """
+        q = normalize(self._check(queries))
+        if k <= 0:
+            raise InvalidInputError("k must be at least 1")
+        if rescore < 1:
+            raise InvalidInputError("rescore must be at least 1")
+        if allowed_ids is not None:
+            return self._search_subset(q, k, np.asarray(allowed_ids, dtype=np.int64))
+        deleted = len(self.row_ids) - self.ntotal if not self.spec.removable else 0
+        fetch = min(k * rescore + deleted, len(self.row_ids))
+        if fetch == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores, rows = self._raw_search(q, fetch)
+        if rescore > 1:
+            scores = self._rescore(q, rows)
+        return self._finish(scores, rows, k)
+
+    def _raw_search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.spec.family in ("hnsw", "hnsw_sq8") or self.spec.family == "bhnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, n)
+        elif self.spec.family == "bivf":
+            self.index.nprobe = self.nprobe
+        if self.spec.precision == "ubinary":
+            dist, rows = self.index.search(quantize_ubinary(q, self.binary), n)
+            return (1.0 - 2.0 * dist.astype(np.float32) / self.dim), rows
+        scores, rows = self.index.search(q, n)
+        return scores.astype(np.float32), rows
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for i in range(len(q)):
+            valid = rows[i] >= 0
+            if valid.any():
+                out[i, valid] = self._stored(rows[i, valid]) @ q[i]
+        return out
+
+    def _stored(self, rows: np.ndarray) -> np.ndarray:
+        if self.codes is not None:
+            return dequantize_int8(self.codes.take(rows), self.int8)
+        return self.floats.take(rows)
+
+    def _search_subset(self, q: np.ndarray, k: int, allowed_ids: np.ndarray):
+        row_of = self._rows_of()
+        rows = np.array([row_of[i] for i in allowed_ids.tolist() if i in row_of], dtype=np.int64)
+        if len(rows) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores = q @ self._stored(rows).T
+        return self._finish(scores, np.broadcast_to(rows, scores.shape), k)
+
+    def _finish(self, scores: np.ndarray, rows: np.ndarray, k: int):
+        n = len(scores)
+        out_s = np.full((n, k), -np.inf, dtype=np.float32)
+        out_i = np.full((n, k), -1, dtype=np.int64)
+        ids = np.where(rows >= 0, self.row_ids[np.maximum(rows, 0)], -1)
+        for i in range(n):
+            keep = ids[i] >= 0
+            s, d = scores[i][keep], ids[i][keep]
+            order = np.argsort(-s, kind="stable")[:k]
+            out_s[i, : len(order)], out_i[i, : len(order)] = s[order], d[order]
+        return out_s, out_i
+
+    # -- persistence ----------------------------------------------------------------------------
+    def index_bytes(self) -> int:
+        """Size of the serialised FAISS index (codes + graph/lists), excluding the rescoring files."""
+        writer = faiss.serialize_index_binary if self.spec.precision == "ubinary" else faiss.serialize_index
+        return int(writer(self.index).nbytes)
+
+    def manifest(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec.text,
+            "precision": self.spec.precision,
+            "dim": self.dim,
+            "metric": "inner_product",
+            "encoder": self.encoder,
+            "rescore_with": self.rescore_with,
+            "int8": self.int8.to_json() if self.int8 is not None else None,
+            "binary": (
+                {"method": self.binary_method, "mean": self.binary.mean.tolist(),
+                 "rotation": "binary_rotation.npy" if self.binary.rotation is not None else None}
+                if self.binary is not None else None
+            ),
+            "rows": len(self.row_ids),
+            "live": self.ntotal,
+            "generation": self.generation,
+            "files": {"index": f"index.{self.generation}.faiss", "ids": f"ids.{self.generation}.npy",
+                      "vectors": "vectors.f32", "codes": "codes.i8" if self.codes is not None else None},
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def save(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write a new generation of the index into `directory` (default: where it was loaded from)."""
+        folder = Path(directory) if directory is not None else self.directory
+        if folder is None:
+            raise InvalidInputError("save() needs a directory for an index that was never saved")
+        folder.mkdir(parents=True, exist_ok=True)
+        old = _read_manifest(folder) if (folder / MANIFEST).exists() else None
+        self.generation = max(self.generation, old["generation"] if old else 0) + 1
+        files = self.manifest()["files"]
+        self.floats.save_to(folder / files["vectors"])
+        if self.codes is not None:
+            self.codes.save_to(folder / files["codes"])
+        if self.binary is not None and self.binary.rotation is not None:
+            write_npy(folder / "binary_rotation.npy", self.binary.rotation)
+        writer = faiss.write_index_binary if self.spec.precision == "ubinary" else faiss.write_index
+        write_with(folder / files["index"], lambda tmp: writer(self.index, tmp))
+        write_npy(folder / files["ids"], self.row_ids)
+        write_json(folder / MANIFEST, self.manifest())  # the commit point
+        for stale in folder.glob("*.*.*"):
+            if re.fullmatch(r"(index\.\d+\.faiss|ids\.\d+\.npy)", stale.name) and stale.name not in files.values():
+                stale.unlink(missing_ok=True)
+        fsync_dir(folder)
+        self.directory = folder
+        return folder
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> VectorIndex:
+        """Open a saved index; raises CorruptIndexError when its files cannot be read back."""
+        folder = Path(directory)
+        m = _read_manifest(folder)
+        try:
+            self = cls(m["spec"], int(m["dim"]), encoder=m.get("encoder", ""), rescore_with=m["rescore_with"],
+                       binary_method=(m.get("binary") or {}).get("method", "itq"))
+            self.generation = int(m["generation"])
+            files = m["files"]
+            if m.get("int8"):
+                self.int8 = Int8Calibration.from_json(m["int8"])
+            if m.get("binary"):
+                rotation = None
+                if m["binary"].get("rotation"):
+                    rotation = np.load(folder / m["binary"]["rotation"], allow_pickle=False)
+                self.binary = BinaryCalibration(np.asarray(m["binary"]["mean"], dtype=np.float32), rotation)
+            reader = faiss.read_index_binary if self.spec.precision == "ubinary" else faiss.read_index
+            self.index = reader(str(folder / files["index"]))
+            self.row_ids = np.load(folder / files["ids"], allow_pickle=False).astype(np.int64)
+            rows = int(m["rows"])
+            self.floats = RowStore("float32", self.dim, folder / files["vectors"], rows)
+            if files.get("codes"):
+                self.codes = RowStore("int8", self.dim, folder / files["codes"], rows)
+        except CorruptIndexError:
+            raise
+        except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
+            raise CorruptIndexError(
+                f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index` to rebuild it"
+            ) from exc
+        if len(self.row_ids) != rows or self.index.ntotal < self.ntotal:
+            raise CorruptIndexError(f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`")
+        self.directory = folder
+        return self
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CorruptIndexError(f"no index at {folder} ({MANIFEST} missing): build one with `kvrag index`") from exc
+    except (OSError, ValueError) as exc:
+        raise CorruptIndexError(f"{path} is unreadable ({exc}): re-run `kvrag index` to rebuild the index") from exc
+    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+        raise CorruptIndexError(f"{path} has an unknown format: re-run `kvrag index` to rebuild the index")
+    return m
