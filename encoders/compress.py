@@ -90,7 +90,7 @@ class BinaryCalibration:
 
     @classmethod
     def fit(cls, x: np.ndarray, method: Literal["mean", "itq", "none"] = "itq", *, iterations: int = 50,
-            seed: int = 0, max_samples: int = 100_000) -> BinaryCalibration:
+            seed: int = 0, max_samples: int = 20_000) -> BinaryCalibration:
         """Fit on corpus embeddings. `method="none"` keeps raw signs (for comparison only)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or len(x) == 0:

@@ -8,9 +8,10 @@ Specs (faiss factory style; the spec is data: it is saved in the manifest and co
 
 Every added vector is also appended to an on-disk float32 file (and, for `rescore_with="int8"`, an
 int8 code file). Those files are memory-mapped, not loaded: they serve rescoring of binary/int8
-candidates, exact search under metadata filters, and re-quantisation. FAISS labels are row numbers;
-`ids.npy` maps rows to the caller's ids. Deleting uses FAISS `remove_ids` where the index supports it
-and a tombstone otherwise (HNSW), so neither adding nor deleting rebuilds the index.
+candidates, exact search under metadata filters, and re-quantisation. FAISS labels are row numbers
+(no id-map wrapper, so a binary index really costs dim/8 bytes a vector); `ids.npy` maps rows to the
+caller's ids. Deleting marks the row in that map and searches skip marked rows with a FAISS
+IDSelector, so neither adding nor deleting rebuilds the index.
 
 Saving is crash-safe: data files of generation g+1 are written beside those of g, then the manifest
 is atomically replaced; a crash at any point leaves generation g readable.
@@ -59,10 +60,6 @@ class IndexSpec:
         if self.family in ("bflat", "bhnsw", "bivf"):
             return "ubinary"
         return "int8" if self.family in ("sq8", "hnsw_sq8") else "float32"
-
-    @property
-    def removable(self) -> bool:
-        return self.family not in ("hnsw", "hnsw_sq8", "bhnsw")
 
 
 def parse_spec(spec: str) -> IndexSpec:
@@ -158,6 +155,7 @@ class VectorIndex:
         self.index = self._new_faiss()
         self.row_ids = np.zeros(0, dtype=np.int64)
         self._row_of: dict[int, int] | None = None
+        self._selector: tuple | None = None  # (IDSelectorNot, IDSelectorBatch) over deleted rows
         self.floats = RowStore("float32", dim)
         self.codes: RowStore | None = RowStore("int8", dim) if rescore_with == "int8" else None
         self.directory: Path | None = None
@@ -169,15 +167,15 @@ class VectorIndex:
     def _new_faiss(self):
         s, d, ip = self.spec, self.dim, faiss.METRIC_INNER_PRODUCT
         if s.family == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+            return faiss.IndexFlatIP(d)
         if s.family == "hnsw":
             return faiss.IndexHNSWFlat(d, s.param, ip)
         if s.family == "sq8":
-            return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip))
+            return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip)
         if s.family == "hnsw_sq8":
             return faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, s.param, ip)
         if s.family == "bflat":
-            return faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(d))
+            return faiss.IndexBinaryFlat(d)
         if s.family == "bhnsw":
             return faiss.IndexBinaryHNSW(d, s.param)
         quantizer = faiss.IndexBinaryFlat(d)
@@ -200,7 +198,7 @@ class VectorIndex:
         if self.spec.precision == "int8" or self.rescore_with == "int8":
             self.int8 = Int8Calibration.fit(x)
         if self.spec.precision == "int8":
-            sq = faiss.downcast_index(self.index.index if self.spec.family == "sq8" else self.index.storage)
+            sq = self.index if self.spec.family == "sq8" else faiss.downcast_index(self.index.storage)
             faiss.copy_array_to_vector(np.concatenate([self.int8.lo, self.int8.hi - self.int8.lo]), sq.sq.trained)
             sq.is_trained = True
             self.index.is_trained = True
@@ -252,11 +250,9 @@ class VectorIndex:
             self.fit(x)
         start = len(self.row_ids)
         rows = np.arange(start, start + len(x), dtype=np.int64)
-        codes = self._encode_for_index(x)
-        if self.spec.family in ("hnsw", "hnsw_sq8", "bhnsw"):
-            self.index.add(codes)  # sequential labels == row numbers (HNSW never removes)
-        else:
-            self.index.add_with_ids(codes, rows)
+        if self.index.ntotal != start:
+            raise CorruptIndexError("the FAISS index and its id map disagree: rebuild the index")
+        self.index.add(self._encode_for_index(x))  # sequential labels == row numbers
         self.floats.append(x)
         if self.codes is not None:
             self.codes.append(quantize_int8(x, self.int8))
@@ -270,9 +266,8 @@ class VectorIndex:
                         dtype=np.int64)
         if len(rows) == 0:
             return 0
-        if self.spec.removable:
-            self.index.remove_ids(rows)
         self.row_ids[rows] = -1
+        self._selector = None
         return len(rows)
 
     def _encode_for_index(self, x: np.ndarray) -> np.ndarray:
@@ -294,8 +289,7 @@ class VectorIndex:
             raise InvalidInputError("rescore must be at least 1")
         if allowed_ids is not None:
             return self._search_subset(q, k, np.asarray(allowed_ids, dtype=np.int64))
-        deleted = len(self.row_ids) - self.ntotal if not self.spec.removable else 0
-        fetch = min(k * rescore + deleted, len(self.row_ids))
+        fetch = min(k * rescore, self.ntotal)
         if fetch == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         scores, rows = self._raw_search(q, fetch)
@@ -368,6 +362,7 @@ class VectorIndex:
                  "rotation": "binary_rotation.npy" if self.binary.rotation is not None else None}
                 if self.binary is not None else None
             ),
+            "search": {"ef_search": self.ef_search, "nprobe": self.nprobe},
             "rows": len(self.row_ids),
             "live": self.ntotal,
             "generation": self.generation,
@@ -410,6 +405,8 @@ class VectorIndex:
             self = cls(m["spec"], int(m["dim"]), encoder=m.get("encoder", ""), rescore_with=m["rescore_with"],
                        binary_method=(m.get("binary") or {}).get("method", "itq"))
             self.generation = int(m["generation"])
+            self.ef_search = int(m.get("search", {}).get("ef_search", self.ef_search))
+            self.nprobe = int(m.get("search", {}).get("nprobe", self.nprobe))
             files = m["files"]
             if m.get("int8"):
                 self.int8 = Int8Calibration.from_json(m["int8"])
@@ -431,7 +428,7 @@ class VectorIndex:
             raise CorruptIndexError(
                 f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index` to rebuild it"
             ) from exc
-        if len(self.row_ids) != rows or self.index.ntotal < self.ntotal:
+        if len(self.row_ids) != rows or self.index.ntotal != rows:
             raise CorruptIndexError(f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`")
         self.directory = folder
         return self

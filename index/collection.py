@@ -1,0 +1,212 @@
+"""A collection: one folder holding the passage store, the vector index, the BM25 index and config.
+
+    $KVRAG_HOME/collections/NAME/passages.sqlite
+                                 vectors/manifest.json, index.G.faiss, ids.G.npy, vectors.f32, ...
+                                 bm25/
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoders.encoder import Encoder
+from encoders.errors import CollectionNotFoundError, DimensionMismatchError, InvalidInputError
+from index.hybrid import BM25Index, rrf
+from index.store import PassageRow, PassageStore
+from index.vector import VectorIndex, parse_spec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_QUERY_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    """Fixed at creation: changing the encoder, spec or chunking means a new collection."""
+
+    encoder: str = "bundled:multilingual-e5-small"
+    spec: str = "Flat"
+    dim: int | None = None  # Matryoshka truncation; None keeps the encoder's full dimension
+    rescore_with: str = "float32"
+    binary_method: str = "itq"
+    max_tokens: int = 256
+    overlap_tokens: int = 32
+    bm25_language: str | None = None
+
+
+@dataclass
+class Hit:
+    """One search result with what a citation needs."""
+
+    passage_id: int
+    score: float
+    doc_id: str
+    title: str | None
+    source: str | None
+    text: str
+    start: int
+    end: int
+    lang: str | None
+    kind: str
+    section: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: PassageRow, score: float) -> Hit:
+        return cls(row.id, float(score), row.doc_id, row.doc_title, row.source, row.text, row.start, row.end,
+                   row.lang, row.kind, row.title, row.metadata)
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInputError(
+            f"invalid collection name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+class Collection:
+    """Passage store + vector index + BM25 of one collection, kept consistent by `commit()`."""
+
+    def __init__(self, folder: Path, name: str, config: CollectionConfig, store: PassageStore):
+        self.folder, self.name, self.config, self.store = folder, name, config, store
+        self._index: VectorIndex | None = None
+        self._bm25: BM25Index | None = None
+        self.bm25_dirty = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @staticmethod
+    def folder_for(home: Path, name: str) -> Path:
+        return Path(home) / "collections" / validate_name(name)
+
+    @classmethod
+    def create(cls, home: Path, name: str, config: CollectionConfig) -> Collection:
+        folder = cls.folder_for(home, name)
+        if (folder / "passages.sqlite").exists():
+            raise InvalidInputError(f"collection {name!r} already exists: delete it first or pick another name")
+        parse_spec(config.spec)
+        if config.rescore_with not in ("float32", "int8"):
+            raise InvalidInputError("rescore_with must be float32 or int8")
+        folder.mkdir(parents=True, exist_ok=True)
+        store = PassageStore(folder / "passages.sqlite")
+        store.set_collection(name, asdict(config))
+        return cls(folder, name, config, store)
+
+    @classmethod
+    def open(cls, home: Path, name: str) -> Collection:
+        folder = cls.folder_for(home, name)
+        if not (folder / "passages.sqlite").exists():
+            raise CollectionNotFoundError(f"no collection {name!r} in {home}: create it with `kvrag index --collection {name} PATH`")
+        store = PassageStore(folder / "passages.sqlite")
+        raw = store.collection_config() or {}
+        known = CollectionConfig.__dataclass_fields__
+        return cls(folder, name, CollectionConfig(**{k: v for k, v in raw.items() if k in known}), store)
+
+    @classmethod
+    def open_or_create(cls, home: Path, name: str, config: CollectionConfig) -> Collection:
+        try:
+            return cls.open(home, name)
+        except CollectionNotFoundError:
+            return cls.create(home, name, config)
+
+    @staticmethod
+    def list(home: Path) -> list[str]:
+        root = Path(home) / "collections"
+        return sorted(p.name for p in root.iterdir() if (p / "passages.sqlite").exists()) if root.exists() else []
+
+    @classmethod
+    def delete(cls, home: Path, name: str) -> None:
+        folder = cls.folder_for(home, name)
+        if not (folder / "passages.sqlite").exists():
+            raise CollectionNotFoundError(f"no collection {name!r} in {home}")
+        shutil.rmtree(folder)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- parts ----------------------------------------------------------------------------------
+    @property
+    def index(self) -> VectorIndex | None:
+        if self._index is None and (self.folder / "vectors" / "manifest.json").exists():
+            self._index = VectorIndex.load(self.folder / "vectors")
+        return self._index
+
+    def ensure_index(self, dim: int) -> VectorIndex:
+        """The vector index, created on first use with the encoder's (truncated) dimension."""
+        if self.index is None:
+            self._index = VectorIndex(self.config.spec, dim, encoder=self.config.encoder,
+                                      rescore_with=self.config.rescore_with, binary_method=self.config.binary_method)
+        if self._index.dim != dim:
+            raise DimensionMismatchError(f"collection {self.name!r} holds {self._index.dim}-dim vectors, got {dim}")
+        return self._index
+
+    @property
+    def bm25(self) -> BM25Index:
+        if self._bm25 is None:
+            if (self.folder / "bm25" / "bm25.json").exists() and not self.bm25_dirty:
+                self._bm25 = BM25Index.load(self.folder / "bm25")
+            else:
+                self.rebuild_bm25()
+        return self._bm25  # type: ignore[return-value]
+
+    def rebuild_bm25(self) -> None:
+        ids: list[int] = []
+        texts: list[str] = []
+        for batch_ids, batch_texts in self.store.iter_texts():
+            ids += batch_ids
+            texts += batch_texts
+        self._bm25 = BM25Index(self.config.bm25_language)
+        self._bm25.build(ids, texts)
+        self._bm25.save(self.folder / "bm25")
+        self.bm25_dirty = False
+
+    def commit(self) -> None:
+        """Persist the vector index (crash-safe) and refresh BM25 after changes."""
+        if self._index is not None:
+            self._index.save(self.folder / "vectors")
+        if self.bm25_dirty:
+            self.rebuild_bm25()
+
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, query: str, encoder: Encoder, *, k: int = 10, filter: dict | None = None,
+               hybrid: bool = False, rescore: int = 1) -> list[Hit]:
+        """Dense (optionally hybrid BM25 + dense by RRF) search with an optional metadata filter."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("the query is empty: give some text to search for")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidInputError(f"the query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+        if not 1 <= k <= 1000:
+            raise InvalidInputError("k must be between 1 and 1000")
+        if encoder.name != self.config.encoder:
+            raise InvalidInputError(f"collection {self.name!r} was built with {self.config.encoder}, not {encoder.name}")
+        index = self.index
+        if index is None or index.ntotal == 0:
+            return []
+        allowed = np.asarray(self.store.filter_ids(filter), dtype=np.int64) if filter else None
+        if allowed is not None and len(allowed) == 0:
+            return []
+        t0 = time.perf_counter()
+        q = encoder.encode([query], kind="query", dim=index.dim)
+        depth = max(k, 100) if hybrid else k
+        scores, ids = index.search(q, depth, rescore=rescore, allowed_ids=allowed)
+        dense = [int(i) for i in ids[0] if i >= 0]
+        score_of = dict(zip(dense, scores[0].tolist(), strict=False))
+        if hybrid:
+            _, lex = self.bm25.search([query], depth)
+            lexical = [int(i) for i in lex[0] if i >= 0]
+            if allowed is not None:
+                allowed_set = set(allowed.tolist())
+                lexical = [i for i in lexical if i in allowed_set]
+            fused = rrf([dense, lexical], k)
+            ranked, score_of = [pid for pid, _ in fused], dict(fused)
+        else:
+            ranked = dense[:k]
+        self.last_search_ms = (time.perf_counter() - t0) * 1000
+        rows = self.store.passages(ranked)
+        return [Hit.from_row(r, score_of[r.id]) for r in rows]

@@ -1,0 +1,243 @@
+"""The batch indexing job: read files and JSONL, chunk, store passages, embed, index.
+
+Idempotent: a document whose content hash is unchanged is skipped, a changed one is replaced, and
+`prune=True` deletes documents whose source file is gone. Resumable: passages committed to SQLite
+but missing from the vector index (a crash between the two) are embedded on the next run, and
+vectors whose passage is gone are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoders.encoder import Encoder
+from encoders.errors import InvalidInputError
+from index.chunking import chunk_document
+from index.collection import Collection
+from index.lang import guess_language
+
+TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
+CODE_SUFFIXES = {
+    ".py": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust",
+    ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".rb": "ruby",
+    ".sh": "shell", ".sql": "sql", ".kt": "kotlin", ".swift": "swift", ".cs": "csharp", ".php": "php",
+    ".scala": "scala", ".lua": "lua", ".r": "r",
+}
+MAX_FILE_BYTES = 10_000_000
+MAX_DOC_CHARS = 2_000_000
+
+
+@dataclass
+class Document:
+    """A document to index: its own id, text, and what citations and filters need."""
+
+    id: str
+    text: str
+    title: str | None = None
+    source: str | None = None
+    kind: str = "text"  # text | python | code
+    lang: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def content_hash(self, chunking: str) -> str:
+        payload = json.dumps([self.text, self.title, self.kind, self.lang, self.metadata, chunking],
+                             sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class JobReport:
+    """What a run did; printed as JSON by `kvrag index --json`."""
+
+    collection: str
+    documents_seen: int = 0
+    added: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    pruned: int = 0
+    passages_added: int = 0
+    passages_removed: int = 0
+    repaired: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+    documents: int = 0
+    passages: int = 0
+    seconds: float = 0.0
+
+
+def read_jsonl(path: Path) -> Iterator[Document]:
+    """JSONL records with `_id` or `id`, `text`, optional `title`, `lang`, `metadata`; other fields join metadata."""
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(rec, dict):
+                raise InvalidInputError(f"{path}:{n}: expected a JSON object")
+            doc_id = rec.pop("_id", None) or rec.pop("id", None)
+            text = rec.pop("text", None)
+            if doc_id is None or not isinstance(text, str):
+                raise InvalidInputError(f"{path}:{n}: each record needs an id (`_id` or `id`) and a string `text`")
+            meta = rec.pop("metadata", None) or {}
+            if not isinstance(meta, dict):
+                raise InvalidInputError(f"{path}:{n}: `metadata` must be an object")
+            title = rec.pop("title", None) or None
+            lang = rec.pop("lang", None) or rec.pop("language", None)
+            meta.update(rec)
+            yield Document(str(doc_id), text, title=title, source=str(path), kind="text", lang=lang, metadata=meta)
+
+
+def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Document]:
+    """Documents from files and folders (recursively; hidden entries skipped)."""
+    for raw in paths:
+        root = Path(raw).expanduser().resolve()
+        if not root.exists():
+            raise InvalidInputError(f"{raw}: no such file or folder")
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from read_jsonl(path)
+                continue
+            kind = TEXT_SUFFIXES.get(suffix) or ("python" if suffix == ".py" else "code" if suffix in CODE_SUFFIXES else None)
+            if kind is None:
+                skipped.append(f"{path} (unsupported type)")
+                continue
+            if path.stat().st_size > MAX_FILE_BYTES:
+                skipped.append(f"{path} (larger than {MAX_FILE_BYTES} bytes)")
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                skipped.append(f"{path} (not UTF-8)")
+                continue
+            title = path.stem if kind != "text" else _markdown_title(text) or path.stem
+            lang = CODE_SUFFIXES.get(suffix) if kind != "text" else None
+            yield Document(str(path), text, title=title, source=str(path), kind=kind, lang=lang)
+
+
+def _markdown_title(text: str) -> str | None:
+    for line in text.splitlines()[:20]:
+        if line.startswith("# "):
+            return line[2:].strip()
+    return None
+
+
+def embed_text(title: str | None, text: str, kind: str) -> str:
+    """What the encoder sees for a passage: prose gets its document title in front (as BEIR/MTEB do)."""
+    return f"{title} {text}" if title and kind == "text" else text
+
+
+def index_documents(collection: Collection, docs: Iterator[Document], encoder: Encoder, *,
+                    prune_sources: list[str] | None = None, batch_docs: int = 256,
+                    show_progress: bool = False, report: JobReport | None = None) -> JobReport:
+    """Bring the collection in line with `docs` (see module docstring)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg = collection.config
+    report = report or JobReport(collection.name)
+    t0 = time.perf_counter()
+    chunking = f"{cfg.max_tokens}/{cfg.overlap_tokens}"
+    known = collection.store.document_hashes()
+    index = collection.ensure_index(cfg.dim or encoder.dim)
+    seen: set[str] = set()
+    pending: list[tuple[int, str]] = []  # (passage id, embed text)
+    bar = tqdm(desc=f"index {collection.name}", unit="doc", disable=not show_progress)
+
+    def flush() -> None:
+        if not pending:
+            return
+        vecs = encoder.encode([t for _, t in pending], kind="passage", dim=index.dim, show_progress=False)
+        index.add(np.array([pid for pid, _ in pending], dtype=np.int64), vecs)
+        report.passages_added += len(pending)
+        pending.clear()
+
+    for doc in docs:
+        report.documents_seen += 1
+        bar.update(1)
+        if doc.id in seen:
+            raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
+        seen.add(doc.id)
+        if not doc.text.strip():
+            report.skipped_files.append(f"{doc.id} (empty)")
+            continue
+        if len(doc.text) > MAX_DOC_CHARS:
+            raise InvalidInputError(f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}")
+        digest = doc.content_hash(chunking)
+        if known.get(doc.id) == digest:
+            report.unchanged += 1
+            continue
+        chunks = chunk_document(doc.text, kind=doc.kind, count_tokens=encoder.count_tokens,  # type: ignore[arg-type]
+                                max_tokens=cfg.max_tokens, overlap_tokens=cfg.overlap_tokens)
+        doc_lang = doc.lang or (guess_language(doc.text) if doc.kind == "text" else None)
+        rows = [{"text": c.text, "start": c.start, "end": c.end, "kind": c.kind, "title": c.title,
+                 "lang": doc_lang if doc.kind != "text" else (doc.lang or guess_language(c.text) or doc_lang),
+                 "content_hash": hashlib.sha256(c.text.encode()).hexdigest()} for c in chunks]
+        removed, added = collection.store.replace_document(
+            {"id": doc.id, "source": doc.source, "title": doc.title, "content_hash": digest, "metadata": doc.metadata},
+            rows,
+        )
+        report.replaced += doc.id in known
+        report.added += doc.id not in known
+        report.passages_removed += index.remove(removed)
+        pending.extend((pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True))
+        collection.bm25_dirty = True
+        if len(pending) >= batch_docs:
+            flush()
+    flush()
+    bar.close()
+
+    if prune_sources is not None:
+        gone = [d for src in prune_sources for d in collection.store.document_hashes(src) if d not in seen]
+        if gone:
+            report.passages_removed += index.remove(collection.store.delete_documents(gone))
+            report.pruned = len(gone)
+            collection.bm25_dirty = True
+    report.repaired = repair(collection, encoder)
+    collection.commit()
+    report.documents, report.passages = collection.store.counts().values()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def repair(collection: Collection, encoder: Encoder) -> int:
+    """Make the vector index hold exactly the store's passages; returns how many entries changed."""
+    index = collection.ensure_index(collection.config.dim or encoder.dim)
+    stored = set(collection.store.passage_ids())
+    indexed = set(index.row_ids[index.row_ids >= 0].tolist())
+    orphans = sorted(indexed - stored)
+    missing = sorted(stored - indexed)
+    index.remove(orphans)
+    if missing:
+        rows = collection.store.passages(missing)
+        texts = [embed_text(r.doc_title, r.text, r.kind) for r in rows]
+        index.add(np.array([r.id for r in rows], dtype=np.int64),
+                  encoder.encode(texts, kind="passage", dim=index.dim))
+        collection.bm25_dirty = True
+    return len(orphans) + len(missing)
+
+
+def index_paths(collection: Collection, paths: list[str | Path], encoder: Encoder, *, prune: bool = False,
+                show_progress: bool = False) -> JobReport:
+    """`kvrag index`: index files, folders and JSONL into the collection."""
+    report = JobReport(collection.name)
+    sources = [str(Path(p).expanduser().resolve()) for p in paths]
+    for p in paths:
+        if not Path(p).expanduser().exists():
+            raise InvalidInputError(f"{p}: no such file or folder")
+    prune_sources = [s + (os.sep if Path(s).is_dir() else "") for s in sources] if prune else None
+    return index_documents(collection, iter_documents(list(paths), report.skipped_files), encoder,
+                           prune_sources=prune_sources, show_progress=show_progress, report=report)

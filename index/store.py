@@ -1,0 +1,211 @@
+"""The SQLite passage store of one collection: the collection record, documents and passages.
+
+Passage ids are SQLite AUTOINCREMENT integers, never reused, and double as the vector index ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from encoders.errors import InvalidInputError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY, config TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY, source TEXT, title TEXT, content_hash TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}', updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS passages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    ord INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL,
+    lang TEXT, kind TEXT NOT NULL CHECK (kind IN ('text', 'code')), title TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}', content_hash TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS passages_doc ON passages(doc_id);
+CREATE INDEX IF NOT EXISTS documents_source ON documents(source);
+"""
+_COLUMNS = {"lang": "p.lang", "kind": "p.kind", "doc_id": "p.doc_id", "source": "d.source", "title": "d.title"}
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class PassageRow:
+    """A passage as stored, with its document's title and source for citations."""
+
+    id: int
+    doc_id: str
+    ord: int
+    text: str
+    start: int
+    end: int
+    lang: str | None
+    kind: str
+    title: str | None
+    doc_title: str | None
+    source: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class PassageStore:
+    """SQLite-backed documents and passages (WAL mode; one writer at a time)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- collection record ---------------------------------------------------------------------
+    def set_collection(self, name: str, config: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO collections VALUES (?, ?, ?)",
+                        (name, json.dumps(config), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+    def collection_config(self) -> dict | None:
+        row = self.db.execute("SELECT config FROM collections LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- documents -----------------------------------------------------------------------------
+    def document_hashes(self, source_prefix: str | None = None) -> dict[str, str]:
+        """doc id -> content hash (optionally only documents whose source starts with a prefix)."""
+        if source_prefix is None:
+            rows = self.db.execute("SELECT id, content_hash FROM documents")
+        else:
+            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE source LIKE ? ESCAPE '\\'",
+                                   (_like_prefix(source_prefix),))
+        return dict(rows.fetchall())
+
+    def get_document(self, doc_id: str) -> dict | None:
+        row = self.db.execute("SELECT id, source, title, content_hash, metadata, updated_at FROM documents WHERE id=?",
+                              (doc_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "source", "title", "content_hash", "metadata", "updated_at")
+        doc = dict(zip(keys, row, strict=True))
+        doc["metadata"] = json.loads(doc["metadata"])
+        doc["passages"] = [r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=? ORDER BY ord", (doc_id,))]
+        return doc
+
+    def replace_document(self, doc: dict, passages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """Insert or replace a document and its passages in one transaction.
+
+        Returns (removed passage ids, new passage ids) so the caller can update the vector index.
+        """
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self.transaction():
+            removed = [r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=?", (doc["id"],))]
+            self.db.execute("DELETE FROM passages WHERE doc_id=?", (doc["id"],))
+            self.db.execute(
+                "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?)",
+                (doc["id"], doc.get("source"), doc.get("title"), doc["content_hash"],
+                 json.dumps(doc.get("metadata") or {}, ensure_ascii=False), now),
+            )
+            added = []
+            for i, p in enumerate(passages):
+                cur = self.db.execute(
+                    "INSERT INTO passages (doc_id, ord, text, start, end, lang, kind, title, metadata, content_hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc["id"], i, p["text"], p["start"], p["end"], p.get("lang"), p["kind"], p.get("title"),
+                     json.dumps(p.get("metadata") or {}, ensure_ascii=False), p["content_hash"]),
+                )
+                added.append(int(cur.lastrowid))
+        return removed, added
+
+    def delete_documents(self, doc_ids: Iterable[str]) -> list[int]:
+        """Delete documents with their passages; returns the removed passage ids."""
+        removed: list[int] = []
+        with self.transaction():
+            for doc_id in doc_ids:
+                removed += [r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=?", (doc_id,))]
+                self.db.execute("DELETE FROM documents WHERE id=?", (doc_id,))
+        return removed
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    # -- passages ------------------------------------------------------------------------------
+    def passage_ids(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT id FROM passages ORDER BY id")]
+
+    def passages(self, ids: Sequence[int]) -> list[PassageRow]:
+        """Rows for the given ids, in the same order (unknown ids are skipped)."""
+        found: dict[int, PassageRow] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self.db.execute(
+                "SELECT p.id, p.doc_id, p.ord, p.text, p.start, p.end, p.lang, p.kind, p.title, d.title, d.source,"
+                f" p.metadata FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                found[r[0]] = PassageRow(*r[:11], metadata=json.loads(r[11]))
+        return [found[i] for i in ids if i in found]
+
+    def iter_texts(self, batch: int = 10_000):
+        """(ids, texts) batches of all passages in id order."""
+        last = 0
+        while True:
+            rows = self.db.execute("SELECT id, text FROM passages WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            yield [r[0] for r in rows], [r[1] for r in rows]
+            last = rows[-1][0]
+
+    def filter_ids(self, flt: dict[str, Any]) -> list[int]:
+        """Passage ids matching every key of a metadata filter.
+
+        Keys `lang`, `kind`, `doc_id`, `source`, `title` match columns; any other key matches the passage's
+        metadata JSON, else the document's. A value may be a scalar (equality) or a list (any of).
+        """
+        if not isinstance(flt, dict) or not flt:
+            raise InvalidInputError('a filter is a non-empty JSON object, e.g. {"lang": "de"}')
+        where, params = [], []
+        for key, value in flt.items():
+            if not _KEY_RE.match(str(key)):
+                raise InvalidInputError(f"filter key {key!r} is not a valid field name")
+            values = value if isinstance(value, list) else [value]
+            if not values or any(not isinstance(v, str | int | float | bool) for v in values):
+                raise InvalidInputError(f"filter value for {key!r} must be a string, number, boolean or a list of them")
+            if key in _COLUMNS:
+                expr = _COLUMNS[key]
+            else:
+                expr = "COALESCE(json_extract(p.metadata, ?), json_extract(d.metadata, ?))"
+                params += [f'$."{key}"'] * 2
+            where.append(f"{expr} IN ({','.join('?' * len(values))})")
+            params += values
+        sql = f"SELECT p.id FROM passages p JOIN documents d ON d.id = p.doc_id WHERE {' AND '.join(where)}"
+        return [r[0] for r in self.db.execute(sql, params)]
+
+    def counts(self) -> dict[str, int]:
+        docs = self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        passages = self.db.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+        return {"documents": int(docs), "passages": int(passages)}
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -1,0 +1,42 @@
+"""The one place that reads environment variables (prefix `KVRAG_`), turned into library dataclasses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from encoders.encoder import EncoderConfig
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. `KVRAG_HOME` holds models, collections and caches."""
+
+    model_config = SettingsConfigDict(env_prefix="KVRAG_", extra="ignore")
+
+    home: Path = Path("~/.local/share/kvrag")
+    encoder: str = "bundled:multilingual-e5-small"
+    device: str = "cpu"
+    batch_tokens: int = 8192
+    embedding_cache: bool = True
+
+    @property
+    def root(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def encoder_config(self, model: str | None = None) -> EncoderConfig:
+        return EncoderConfig(
+            model=model or self.encoder,
+            models_dir=self.models_dir,
+            device=self.device,
+            batch_tokens=self.batch_tokens,
+            cache_path=self.root / "cache" / "embeddings.sqlite" if self.embedding_cache else None,
+        )
+
+
+def get_settings() -> Settings:
+    return Settings()
