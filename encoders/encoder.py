@@ -71,7 +71,11 @@ class SentenceTransformerEncoder:
 
     def __init__(self, config: EncoderConfig):
         import torch
+        import transformers
         from sentence_transformers import SentenceTransformer
+
+        transformers.logging.set_verbosity_error()  # long-text token counts are expected, not errors
+        transformers.logging.disable_progress_bar()
 
         self.config = config
         path = resolve_model(config.model, config.models_dir)

@@ -302,7 +302,10 @@ def _xlmr_config(packed: PackedE5) -> dict:
     }
 
 
-def _sentence_transformers_files(folder: Path, max_seq_length: int, hidden: int) -> None:
+def write_sentence_transformers_files(folder: Path, max_seq_length: int, hidden: int,
+                                      prompts: dict[str, str] | None = None) -> None:
+    """The sentence-transformers metadata for a mean-pooled, normalised encoder folder."""
+
     def dump(rel: str, obj: object) -> None:
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +323,7 @@ def _sentence_transformers_files(folder: Path, max_seq_length: int, hidden: int)
     dump(
         "config_sentence_transformers.json",
         {
-            "prompts": {"query": "query: ", "passage": "passage: "},
+            "prompts": prompts if prompts is not None else {"query": "query: ", "passage": "passage: "},
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
         },
@@ -347,7 +350,7 @@ def build_e5_folder(dest: str | os.PathLike, source: str | os.PathLike | None = 
         save_file(build_state_dict(packed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_xlmr_config(packed), indent=2) + "\n", encoding="utf-8")
         build_tokenizer(packed).save_pretrained(str(tmp))
-        _sentence_transformers_files(tmp, packed.max_positions, packed.hidden)
+        write_sentence_transformers_files(tmp, packed.max_positions, packed.hidden)
         (tmp / "kvrag_source.json").write_text(
             json.dumps({"built_from": src.name, "source_bytes": src.stat().st_size}) + "\n", encoding="utf-8"
         )
