@@ -1,0 +1,1 @@
+"""Text and code encoders, offline model resolution, embedding compression."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the hot paths, each beside its pure-torch reference (added with the GPU work)."""

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: evaluation today; generation and KV caches build on it."""
