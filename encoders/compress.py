@@ -107,9 +107,9 @@ class BinaryCalibration:
         if method != "itq":
             raise InvalidInputError(f"unknown binary calibration {method!r}: use itq, mean or none")
         centered = (x - mean).astype(np.float64)
-        # PCA basis (all components, ordered by variance) ...
-        _, _, vt = np.linalg.svd(centered, full_matrices=False)
-        pca = vt.T
+        # PCA basis (all `dim` components, by decreasing variance, even when there are fewer samples) ...
+        eigvals, eigvecs = np.linalg.eigh(centered.T @ centered)
+        pca = eigvecs[:, np.argsort(-eigvals)]
         v = centered @ pca
         # ... then ITQ: alternate binary codes B = sign(V R) and the Procrustes rotation R.
         r, _ = np.linalg.qr(rng.standard_normal((dim, dim)))

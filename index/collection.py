@@ -64,7 +64,7 @@ class Hit:
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInputError(
             f"invalid collection name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
         )

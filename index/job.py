@@ -83,9 +83,11 @@ def read_jsonl(path: Path) -> Iterator[Document]:
                 raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
             if not isinstance(rec, dict):
                 raise InvalidInputError(f"{path}:{n}: expected a JSON object")
-            doc_id = rec.pop("_id", None) or rec.pop("id", None)
+            doc_id = rec.pop("_id", None)
+            if doc_id is None:
+                doc_id = rec.pop("id", None)
             text = rec.pop("text", None)
-            if doc_id is None or not isinstance(text, str):
+            if doc_id is None or str(doc_id) == "" or not isinstance(text, str):
                 raise InvalidInputError(f"{path}:{n}: each record needs an id (`_id` or `id`) and a string `text`")
             meta = rec.pop("metadata", None) or {}
             if not isinstance(meta, dict):
@@ -118,7 +120,9 @@ def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Docu
                 skipped.append(f"{path} (larger than {MAX_FILE_BYTES} bytes)")
                 continue
             try:
-                text = path.read_text(encoding="utf-8")
+                # newline="" keeps CRLF as is, so offsets match the file; utf-8-sig drops a BOM
+                with path.open(encoding="utf-8-sig", newline="") as fh:
+                    text = fh.read()
             except UnicodeDecodeError:
                 skipped.append(f"{path} (not UTF-8)")
                 continue
@@ -172,6 +176,10 @@ def index_documents(collection: Collection, docs: Iterator[Document], encoder: E
             raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
         seen.add(doc.id)
         if not doc.text.strip():
+            if doc.id in known:  # emptied since the last run: its old passages must go
+                report.passages_removed += index.remove(collection.store.delete_documents([doc.id]))
+                report.pruned += 1
+                collection.bm25_dirty = True
             report.skipped_files.append(f"{doc.id} (empty)")
             continue
         if len(doc.text) > MAX_DOC_CHARS:
@@ -201,7 +209,8 @@ def index_documents(collection: Collection, docs: Iterator[Document], encoder: E
     bar.close()
 
     if prune_sources is not None:
-        gone = [d for src in prune_sources for d in collection.store.document_hashes(src) if d not in seen]
+        gone = [d for src in prune_sources
+                for d in collection.store.document_hashes(src, exact=not src.endswith(os.sep)) if d not in seen]
         if gone:
             report.passages_removed += index.remove(collection.store.delete_documents(gone))
             report.pruned = len(gone)

@@ -77,13 +77,16 @@ class PassageStore:
         return json.loads(row[0]) if row else None
 
     # -- documents -----------------------------------------------------------------------------
-    def document_hashes(self, source_prefix: str | None = None) -> dict[str, str]:
-        """doc id -> content hash (optionally only documents whose source starts with a prefix)."""
+    def document_hashes(self, source_prefix: str | None = None, *, exact: bool = False) -> dict[str, str]:
+        """doc id -> content hash; optionally only documents whose source starts with (or, with
+        `exact`, equals) the given string, compared case-sensitively."""
         if source_prefix is None:
             rows = self.db.execute("SELECT id, content_hash FROM documents")
+        elif exact:
+            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE source = ?", (source_prefix,))
         else:
-            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE source LIKE ? ESCAPE '\\'",
-                                   (_like_prefix(source_prefix),))
+            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE substr(source, 1, ?) = ?",
+                                   (len(source_prefix), source_prefix))
         return dict(rows.fetchall())
 
     def get_document(self, doc_id: str) -> dict | None:
@@ -173,7 +176,7 @@ class PassageStore:
             raise InvalidInputError('a filter is a non-empty JSON object, e.g. {"lang": "de"}')
         where, params = [], []
         for key, value in flt.items():
-            if not _KEY_RE.match(str(key)):
+            if not _KEY_RE.fullmatch(str(key)):
                 raise InvalidInputError(f"filter key {key!r} is not a valid field name")
             values = value if isinstance(value, list) else [value]
             if not values or any(not isinstance(v, str | int | float | bool) for v in values):
@@ -206,6 +209,3 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         return False
 
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -42,6 +42,7 @@ from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidIn
 from index.atomic import fsync_dir, write_json, write_npy, write_with
 
 MANIFEST = "manifest.json"
+_GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)")
 FORMAT_VERSION = 1
 _SPEC_RE = re.compile(r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
                       r"|BHNSW(?P<bhnsw>\d+)|BIVF(?P<bivf>\d+))$")
@@ -64,7 +65,16 @@ class IndexSpec:
 
 def parse_spec(spec: str) -> IndexSpec:
     """Parse an index spec; raises InvalidInputError listing the accepted forms."""
-    m = _SPEC_RE.match(spec.strip())
+    parsed = _parse_spec(spec)
+    if parsed.family in ("hnsw", "hnsw_sq8", "bhnsw") and not 2 <= parsed.param <= 512:
+        raise InvalidInputError(f"{spec}: HNSW needs 2 <= M <= 512 (32 is a good default)")
+    if parsed.family == "bivf" and parsed.param < 1:
+        raise InvalidInputError(f"{spec}: BIVF needs at least one list (about sqrt(N) is a good start)")
+    return parsed
+
+
+def _parse_spec(spec: str) -> IndexSpec:
+    m = _SPEC_RE.fullmatch(spec.strip()) if isinstance(spec, str) else None
     if not m:
         raise InvalidInputError(
             f"unknown index spec {spec!r}: use Flat, HNSW<M>, SQ8, HNSW<M>,SQ8, BFlat, BHNSW<M> or BIVF<nlist>"
@@ -159,6 +169,7 @@ class VectorIndex:
         self.floats = RowStore("float32", dim)
         self.codes: RowStore | None = RowStore("int8", dim) if rescore_with == "int8" else None
         self.directory: Path | None = None
+        self._files: dict[str, str] = {}  # names of the row-store and rotation files in `directory`
         self.generation = 0
         self.ef_search = 64
         self.nprobe = max(1, self.spec.param // 8) if self.spec.family == "bivf" else 1
@@ -323,7 +334,7 @@ class VectorIndex:
 
     def _search_subset(self, q: np.ndarray, k: int, allowed_ids: np.ndarray):
         row_of = self._rows_of()
-        rows = np.array([row_of[i] for i in allowed_ids.tolist() if i in row_of], dtype=np.int64)
+        rows = np.array([row_of[i] for i in np.unique(allowed_ids).tolist() if i in row_of], dtype=np.int64)
         if len(rows) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         scores = q @ self._stored(rows).T
@@ -359,7 +370,7 @@ class VectorIndex:
             "int8": self.int8.to_json() if self.int8 is not None else None,
             "binary": (
                 {"method": self.binary_method, "mean": self.binary.mean.tolist(),
-                 "rotation": "binary_rotation.npy" if self.binary.rotation is not None else None}
+                 "rotation": self._files.get("rotation")}
                 if self.binary is not None else None
             ),
             "search": {"ef_search": self.ef_search, "nprobe": self.nprobe},
@@ -367,7 +378,7 @@ class VectorIndex:
             "live": self.ntotal,
             "generation": self.generation,
             "files": {"index": f"index.{self.generation}.faiss", "ids": f"ids.{self.generation}.npy",
-                      "vectors": "vectors.f32", "codes": "codes.i8" if self.codes is not None else None},
+                      "vectors": self._files.get("vectors"), "codes": self._files.get("codes")},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -379,18 +390,26 @@ class VectorIndex:
         folder.mkdir(parents=True, exist_ok=True)
         old = _read_manifest(folder) if (folder / MANIFEST).exists() else None
         self.generation = max(self.generation, old["generation"] if old else 0) + 1
-        files = self.manifest()["files"]
-        self.floats.save_to(folder / files["vectors"])
-        if self.codes is not None:
-            self.codes.save_to(folder / files["codes"])
-        if self.binary is not None and self.binary.rotation is not None:
-            write_npy(folder / "binary_rotation.npy", self.binary.rotation)
+        gen, same_folder = self.generation, self.directory is not None and self.directory.resolve() == folder.resolve()
+        # Files another generation may reference are never overwritten: row stores grow in place only
+        # in their own folder (past the old manifest's row count); anything new gets a fresh name.
+        for key, store, suffix in (("vectors", self.floats, "f32"), ("codes", self.codes, "i8")):
+            if store is None:
+                continue
+            if not (same_folder and store.path is not None and store.path.parent.resolve() == folder.resolve()):
+                self._files[key] = f"{key}.{gen}.{suffix}"
+            store.save_to(folder / self._files[key])
+        if self.binary is not None and self.binary.rotation is not None and not (same_folder and "rotation" in self._files):
+            self._files["rotation"] = f"binary_rotation.{gen}.npy"
+            write_npy(folder / self._files["rotation"], self.binary.rotation)
+        manifest = self.manifest()
         writer = faiss.write_index_binary if self.spec.precision == "ubinary" else faiss.write_index
-        write_with(folder / files["index"], lambda tmp: writer(self.index, tmp))
-        write_npy(folder / files["ids"], self.row_ids)
-        write_json(folder / MANIFEST, self.manifest())  # the commit point
-        for stale in folder.glob("*.*.*"):
-            if re.fullmatch(r"(index\.\d+\.faiss|ids\.\d+\.npy)", stale.name) and stale.name not in files.values():
+        write_with(folder / manifest["files"]["index"], lambda tmp: writer(self.index, tmp))
+        write_npy(folder / manifest["files"]["ids"], self.row_ids)
+        write_json(folder / MANIFEST, manifest)  # the commit point
+        keep = {*manifest["files"].values(), self._files.get("rotation")}
+        for stale in folder.iterdir():
+            if _GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep:
                 stale.unlink(missing_ok=True)
         fsync_dir(folder)
         self.directory = folder
@@ -413,6 +432,7 @@ class VectorIndex:
             if m.get("binary"):
                 rotation = None
                 if m["binary"].get("rotation"):
+                    self._files["rotation"] = m["binary"]["rotation"]
                     rotation = np.load(folder / m["binary"]["rotation"], allow_pickle=False)
                 self.binary = BinaryCalibration(np.asarray(m["binary"]["mean"], dtype=np.float32), rotation)
             reader = faiss.read_index_binary if self.spec.precision == "ubinary" else faiss.read_index
@@ -420,15 +440,17 @@ class VectorIndex:
             self.row_ids = np.load(folder / files["ids"], allow_pickle=False).astype(np.int64)
             rows = int(m["rows"])
             self.floats = RowStore("float32", self.dim, folder / files["vectors"], rows)
+            self._files["vectors"] = files["vectors"]
             if files.get("codes"):
                 self.codes = RowStore("int8", self.dim, folder / files["codes"], rows)
+                self._files["codes"] = files["codes"]
         except CorruptIndexError:
             raise
         except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
             raise CorruptIndexError(
                 f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index` to rebuild it"
             ) from exc
-        if len(self.row_ids) != rows or self.index.ntotal != rows:
+        if len(self.row_ids) != rows or self.index.ntotal != rows or self.index.d != self.dim:
             raise CorruptIndexError(f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`")
         self.directory = folder
         return self

@@ -40,6 +40,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from index.job import index_paths
 
     settings = get_settings()
+    for path in args.paths:
+        if not Path(path).expanduser().exists():
+            raise KvragError(f"{path}: no such file or folder")
     config = CollectionConfig(encoder=args.encoder or settings.encoder, spec=args.spec, dim=args.dim,
                               rescore_with=args.rescore_with, max_tokens=args.max_tokens,
                               overlap_tokens=args.overlap_tokens, bm25_language=args.bm25_language)

@@ -1,0 +1,467 @@
+"""Tests for index.job: reading sources, idempotent re-runs, replace, prune and repair (tiny random encoder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encoders.errors import InvalidInputError
+from index.collection import Collection, CollectionConfig
+from index.job import Document, index_documents, index_paths, read_jsonl, repair
+from index.vector import VectorIndex
+
+EN = (
+    "# Weather report\n\nThe weather in the north is cold and wet in the winter. The people of the town like to "
+    "stay inside by the fire and read.\n\nIt is a quiet place for most of the year, and the roads to the coast "
+    "are long and empty.\n\nIn the spring the farmers plant barley in the fields, and the children walk to the "
+    "school by the river. When the summer comes, the whole town goes to the lake for a week of rest.\n"
+)
+DE = (
+    "# Brot und Butter\n\nDas Brot ist frisch und die Butter ist weich. Der Bäcker backt jeden Morgen für die Leute "
+    "im Dorf.\n\nEr ist nicht müde, und die Arbeit macht ihm Freude.\n"
+)
+FR = "# Le chat\n\nLe chat est sur la table et il dort dans la cuisine. Les enfants jouent dans le jardin pour la journée.\n"
+PY = (
+    'import os\n\n\ndef foo(x):\n    """Add one."""\n    return x + 1\n\n\n'
+    "class Bar:\n    def baz(self):\n        return os.sep\n"
+)
+JS = "function hello(name) {\n  return 'hi ' + name;\n}\n"
+JSONL_RECORDS = [
+    {
+        "_id": "j1",
+        "title": "Engines",
+        "text": "The engine hums quietly in the basement all night long.",
+        "author": "ann",
+        "year": 2021,
+    },
+    {
+        "_id": "j2",
+        "text": "The cat sleeps on the warm windowsill in the afternoon sun.",
+        "lang": "de",
+        "metadata": {"source_db": "pets"},
+        "tags": ["a", "b"],
+    },
+    {"id": 7, "title": "Numbers", "text": "Seven is a prime number and so is eleven."},
+]
+
+
+def write_sources(root: Path) -> Path:
+    src = root / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "en.md").write_text(EN, encoding="utf-8")
+    (src / "de.md").write_text(DE, encoding="utf-8")
+    (src / "sub" / "fr.md").write_text(FR, encoding="utf-8")
+    (src / "mod.py").write_text(PY, encoding="utf-8")
+    (src / "app.js").write_text(JS, encoding="utf-8")
+    (src / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JSONL_RECORDS), encoding="utf-8")
+    (src / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (src / ".hidden.md").write_text("# Hidden\n\nThis must not be indexed at all.\n", encoding="utf-8")
+    return src
+
+
+N_DOCS = 8  # en, de, fr, mod.py, app.js and three JSONL records
+
+
+@pytest.fixture
+def coll(tmp_path, tiny_encoder):
+    c = Collection.create(
+        tmp_path, "c", CollectionConfig(encoder=tiny_encoder.name, max_tokens=64, overlap_tokens=8)
+    )
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def src(tmp_path):
+    return write_sources(tmp_path)
+
+
+def live_ids(c: Collection) -> list[int]:
+    return sorted(c.index.row_ids[c.index.row_ids >= 0].tolist())
+
+
+def rows_of(c: Collection, doc_id: str):
+    return c.store.passages(c.store.get_document(doc_id)["passages"])
+
+
+def test_first_run_adds_everything(coll, src, tiny_encoder):
+    report = index_paths(coll, [src], tiny_encoder)
+    assert report.collection == "c"
+    assert report.documents_seen == N_DOCS
+    assert report.added == N_DOCS
+    assert (report.replaced, report.unchanged, report.pruned, report.repaired) == (0, 0, 0, 0)
+    assert report.skipped_files == [f"{src.resolve() / 'blob.bin'} (unsupported type)"]
+    assert report.documents == N_DOCS
+    assert report.passages == len(coll.store.passage_ids()) >= N_DOCS
+    assert report.passages_added == report.passages
+    assert report.passages_removed == 0
+    assert report.seconds >= 0
+    assert live_ids(coll) == coll.store.passage_ids()
+    assert coll.index.ntotal == report.passages
+    assert coll.index.dim == tiny_encoder.dim == 32
+    root = src.resolve()
+    doc_ids = set(coll.store.document_hashes())
+    assert doc_ids == {str(root / n) for n in ("en.md", "de.md", "sub/fr.md", "mod.py", "app.js")} | {
+        "j1",
+        "j2",
+        "7",
+    }
+    # the committed index and BM25 are on disk
+    assert (coll.folder / "vectors" / "manifest.json").exists()
+    assert (coll.folder / "bm25" / "bm25.json").exists()
+
+
+def test_markdown_documents_titles_langs_and_offsets(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    root = src.resolve()
+    for name, title, lang, text in [
+        ("en.md", "Weather report", "en", EN),
+        ("de.md", "Brot und Butter", "de", DE),
+        ("sub/fr.md", "Le chat", "fr", FR),
+    ]:
+        d = coll.store.get_document(str(root / name))
+        assert d["title"] == title
+        assert d["source"] == str(root / name)
+        rows = coll.store.passages(d["passages"])
+        assert rows and {r.kind for r in rows} == {"text"}
+        assert {r.lang for r in rows} == {lang}
+        for r in rows:
+            assert r.text == text[r.start : r.end]
+            assert r.doc_title == title
+    en_rows = rows_of(coll, str(root / "en.md"))
+    assert len(en_rows) >= 2  # max_tokens=64 splits the English document
+    assert sorted(coll.store.filter_ids({"lang": "de"})) == sorted(
+        r.id for r in rows_of(coll, str(root / "de.md")) + rows_of(coll, "j2")
+    )
+
+
+def test_code_files(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    root = src.resolve()
+    py = coll.store.get_document(str(root / "mod.py"))
+    assert py["title"] == "mod"
+    rows = coll.store.passages(py["passages"])
+    assert [r.title for r in rows] == ["module", "def foo", "class Bar"]
+    assert {r.kind for r in rows} == {"code"}
+    assert {r.lang for r in rows} == {"python"}
+    foo = rows[1]
+    assert foo.text == PY[foo.start : foo.end]
+    assert foo.text.startswith("def foo(x):") and foo.text.endswith("return x + 1")
+    js = rows_of(coll, str(root / "app.js"))
+    assert len(js) == 1
+    assert (js[0].kind, js[0].lang, js[0].title, js[0].doc_title) == ("code", "javascript", None, "app")
+    assert js[0].text == JS.strip()
+    assert sorted(coll.store.filter_ids({"kind": "code"})) == sorted(r.id for r in rows + js)
+    assert sorted(coll.store.filter_ids({"lang": "python"})) == sorted(r.id for r in rows)
+
+
+def test_jsonl_records(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    jsonl = str(src.resolve() / "data.jsonl")
+    j1 = coll.store.get_document("j1")
+    assert (j1["title"], j1["source"]) == ("Engines", jsonl)
+    assert j1["metadata"] == {"author": "ann", "year": 2021}
+    j2 = coll.store.get_document("j2")
+    assert j2["title"] is None
+    assert j2["metadata"] == {"source_db": "pets", "tags": ["a", "b"]}  # `lang` is not metadata
+    assert {r.lang for r in rows_of(coll, "j2")} == {"de"}  # the stated language wins over the English text
+    assert {r.lang for r in rows_of(coll, "j1")} == {"en"}  # guessed
+    seven = coll.store.get_document("7")  # `id` works as well as `_id`; numbers become strings
+    assert seven["title"] == "Numbers"
+    assert rows_of(coll, "7")[0].text == JSONL_RECORDS[2]["text"]
+    # document metadata is filterable
+    assert coll.store.filter_ids({"author": "ann"}) == [r.id for r in rows_of(coll, "j1")]
+    assert coll.store.filter_ids({"source_db": "pets"}) == [r.id for r in rows_of(coll, "j2")]
+    assert coll.store.filter_ids({"year": 2021}) == [r.id for r in rows_of(coll, "j1")]
+
+
+def test_second_identical_run_changes_nothing(coll, src, tiny_encoder):
+    first = index_paths(coll, [src], tiny_encoder)
+    ids = coll.store.passage_ids()
+    hashes = coll.store.document_hashes()
+    second = index_paths(coll, [src], tiny_encoder)
+    assert second.documents_seen == N_DOCS
+    assert second.unchanged == N_DOCS
+    assert (second.added, second.replaced, second.pruned, second.repaired) == (0, 0, 0, 0)
+    assert (second.passages_added, second.passages_removed) == (0, 0)
+    assert (second.documents, second.passages) == (first.documents, first.passages)
+    assert coll.store.passage_ids() == ids
+    assert coll.store.document_hashes() == hashes
+    assert live_ids(coll) == ids
+    assert len(coll.index.row_ids) == len(ids)  # nothing re-added, not even as deleted rows
+
+
+def test_editing_one_file_replaces_only_that_document(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    root = src.resolve()
+    en_id = str(root / "en.md")
+    old_en = coll.store.get_document(en_id)["passages"]
+    others = sorted(set(coll.store.passage_ids()) - set(old_en))
+    (src / "en.md").write_text(
+        "# Weather report\n\nToday it is sunny and warm on the coast.\n", encoding="utf-8"
+    )
+    report = index_paths(coll, [src], tiny_encoder)
+    assert (report.added, report.replaced, report.unchanged, report.pruned) == (0, 1, N_DOCS - 1, 0)
+    assert report.passages_removed == len(old_en)
+    new_en = coll.store.get_document(en_id)["passages"]
+    assert report.passages_added == len(new_en) == 1
+    assert min(new_en) > max(others + old_en)  # fresh ids
+    live = set(live_ids(coll))
+    assert not live & set(old_en)  # old vectors are gone from the index
+    assert live == set(others) | set(new_en)
+    assert rows_of(coll, en_id)[0].text == "# Weather report\n\nToday it is sunny and warm on the coast."
+    assert sorted(set(coll.store.passage_ids()) - set(new_en)) == others
+
+
+def test_prune_removes_deleted_files(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    de_id = str(src.resolve() / "de.md")
+    de_passages = coll.store.get_document(de_id)["passages"]
+    (src / "de.md").unlink()
+
+    kept = index_paths(coll, [src], tiny_encoder)  # without prune the document stays
+    assert (kept.pruned, kept.unchanged, kept.documents_seen) == (0, N_DOCS - 1, N_DOCS - 1)
+    assert coll.store.get_document(de_id) is not None
+    assert set(de_passages) <= set(live_ids(coll))
+
+    pruned = index_paths(coll, [src], tiny_encoder, prune=True)
+    assert pruned.pruned == 1
+    assert pruned.passages_removed == len(de_passages)
+    assert pruned.documents == N_DOCS - 1
+    assert coll.store.get_document(de_id) is None
+    assert not set(de_passages) & set(live_ids(coll))
+    assert live_ids(coll) == coll.store.passage_ids()
+
+
+def test_prune_removes_records_dropped_from_jsonl(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    j2 = coll.store.get_document("j2")["passages"]
+    (src / "data.jsonl").write_text(json.dumps(JSONL_RECORDS[0]) + "\n", encoding="utf-8")
+    report = index_paths(coll, [src / "data.jsonl"], tiny_encoder, prune=True)
+    assert (report.documents_seen, report.unchanged, report.pruned) == (1, 1, 2)
+    assert coll.store.get_document("j2") is None and coll.store.get_document("7") is None
+    assert coll.store.get_document("j1") is not None
+    assert coll.store.get_document(str(src.resolve() / "en.md")) is not None  # other sources are untouched
+    assert not set(j2) & set(live_ids(coll))
+
+
+def test_prune_of_one_folder_keeps_other_folders(coll, tmp_path, tiny_encoder):
+    a, b = tmp_path / "a", tmp_path / "ab"  # "ab" shares the prefix "a" but not "a/"
+    a.mkdir()
+    b.mkdir()
+    (a / "x.md").write_text("The first folder holds this note about apples.\n")
+    (b / "y.md").write_text("The second folder holds this note about pears.\n")
+    index_paths(coll, [a, b], tiny_encoder)
+    (a / "x.md").unlink()
+    (a / "z.md").write_text("A new note about plums is here now.\n")
+    report = index_paths(coll, [a], tiny_encoder, prune=True)
+    assert (report.added, report.pruned) == (1, 1)
+    assert set(coll.store.document_hashes()) == {str(a.resolve() / "z.md"), str(b.resolve() / "y.md")}
+
+
+def test_prune_of_one_file_keeps_files_sharing_its_name_prefix(coll, tmp_path, tiny_encoder):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.md").write_text("Notes about apples and their trees.\n")
+    (d / "a.md.txt").write_text("A plain text copy that is a separate file.\n")
+    index_paths(coll, [d], tiny_encoder)
+    report = index_paths(coll, [d / "a.md"], tiny_encoder, prune=True)
+    assert report.pruned == 0
+    assert coll.store.get_document(str(d.resolve() / "a.md.txt")) is not None
+
+
+def test_emptied_file_loses_its_passages(coll, tmp_path, tiny_encoder):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.md").write_text("Some content that will later be removed.\n")
+    index_paths(coll, [d], tiny_encoder)
+    (d / "a.md").write_text("   \n")
+    index_paths(coll, [d], tiny_encoder, prune=True)
+    assert coll.store.passage_ids() == []
+
+
+def test_empty_document_is_skipped(coll, tmp_path, tiny_encoder):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "empty.md").write_text("  \n\n")
+    (d / "full.md").write_text("Some words in a file.\n")
+    report = index_paths(coll, [d], tiny_encoder)
+    assert report.skipped_files == [f"{d.resolve() / 'empty.md'} (empty)"]
+    assert (report.added, report.documents) == (1, 1)
+
+
+def test_non_utf8_file_is_skipped(coll, tmp_path, tiny_encoder):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "latin1.txt").write_bytes("Grüße aus Köln".encode("latin-1"))
+    (d / "ok.txt").write_text("Fine text here.\n")
+    report = index_paths(coll, [d], tiny_encoder)
+    assert report.skipped_files == [f"{d.resolve() / 'latin1.txt'} (not UTF-8)"]
+    assert report.added == 1
+
+
+def test_duplicate_jsonl_ids_are_rejected(coll, tmp_path, tiny_encoder):
+    f = tmp_path / "dup.jsonl"
+    f.write_text('{"_id": "x", "text": "first text"}\n{"_id": "x", "text": "second text"}\n')
+    with pytest.raises(InvalidInputError, match="'x' appears twice"):
+        index_paths(coll, [f], tiny_encoder)
+
+
+def test_duplicate_ids_across_jsonl_files_are_rejected(coll, tmp_path, tiny_encoder):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"_id": "same", "text": "from a"}\n')
+    (d / "b.jsonl").write_text('{"_id": "same", "text": "from b"}\n')
+    with pytest.raises(InvalidInputError, match="appears twice"):
+        index_paths(coll, [d], tiny_encoder)
+
+
+@pytest.mark.parametrize(
+    ("lines", "line_no", "message"),
+    [
+        (['{"_id": "a", "text": "ok"}', '{"_id": "b", "text": '], 2, "not valid JSON"),
+        (['{"_id": "a", "text": "ok"}', "", "[1, 2]"], 3, "expected a JSON object"),
+        (['{"text": "no id"}'], 1, "needs an id"),
+        (['{"_id": "a", "text": 5}'], 1, "string `text`"),
+        (['{"_id": "a", "text": "x", "metadata": [1]}'], 1, "`metadata` must be an object"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(coll, tmp_path, tiny_encoder, lines, line_no, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInputError, match=message) as err:
+        index_paths(coll, [f], tiny_encoder)
+    assert f"{f.resolve()}:{line_no}:" in str(err.value)
+
+
+def test_read_jsonl_fields(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text(
+        json.dumps(
+            {"_id": "a", "text": "t", "title": "", "language": "fr", "metadata": {"m": 1}, "extra": True}
+        )
+        + "\n\n"
+    )
+    (d,) = list(read_jsonl(f))
+    assert d == Document(
+        "a", "t", title=None, source=str(f), kind="text", lang="fr", metadata={"m": 1, "extra": True}
+    )
+
+
+def test_read_jsonl_accepts_zero_id(tmp_path):
+    f = tmp_path / "z.jsonl"
+    f.write_text('{"_id": 0, "text": "zero"}\n')
+    assert [d.id for d in read_jsonl(f)] == ["0"]
+
+
+def test_missing_path_is_rejected(coll, tmp_path, tiny_encoder):
+    with pytest.raises(InvalidInputError, match="no such file or folder"):
+        index_paths(coll, [tmp_path / "does-not-exist"], tiny_encoder)
+    assert coll.store.counts() == {"documents": 0, "passages": 0}
+
+
+def test_single_file_path(coll, src, tiny_encoder):
+    report = index_paths(coll, [src / "mod.py"], tiny_encoder)
+    assert (report.documents_seen, report.added, report.skipped_files) == (1, 1, [])
+    assert set(coll.store.document_hashes()) == {str(src.resolve() / "mod.py")}
+
+
+def test_repair_makes_index_match_store(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    index = coll.index
+    # crash 1: passages committed to SQLite, never embedded
+    _, added = coll.store.replace_document(
+        {"id": "crashed", "source": None, "title": "Crash", "content_hash": "h"},
+        [
+            {
+                "text": "Passage stored but never indexed.",
+                "start": 0,
+                "end": 33,
+                "kind": "text",
+                "lang": "en",
+                "content_hash": "p1",
+            },
+            {
+                "text": "Another one.",
+                "start": 34,
+                "end": 46,
+                "kind": "text",
+                "lang": "en",
+                "content_hash": "p2",
+            },
+        ],
+    )
+    # crash 2: a vector whose passage is gone
+    orphan = max(added) + 100
+    index.add(np.array([orphan], dtype=np.int64), np.ones((1, index.dim), dtype=np.float32))
+    assert orphan in live_ids(coll) and not set(added) & set(live_ids(coll))
+
+    assert repair(coll, tiny_encoder) == 1 + len(added)
+    assert live_ids(coll) == coll.store.passage_ids()
+    assert coll.bm25_dirty
+    assert repair(coll, tiny_encoder) == 0  # idempotent
+    # the repaired vector is the same embedding the job would have produced
+    expected = tiny_encoder.encode(["Crash Passage stored but never indexed."], kind="passage")
+    scores, ids = index.search(expected, 1)
+    assert ids[0, 0] == added[0]
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    coll.commit()
+    reopened = Collection.open(coll.folder.parent.parent, "c")
+    try:
+        assert (
+            sorted(reopened.index.row_ids[reopened.index.row_ids >= 0].tolist())
+            == reopened.store.passage_ids()
+        )
+    finally:
+        reopened.close()
+
+
+def test_next_run_repairs_a_crash(coll, src, tiny_encoder):
+    index_paths(coll, [src], tiny_encoder)
+    coll.store.replace_document(
+        {"id": "crashed", "title": None, "content_hash": "h"},
+        [{"text": "orphan passage text", "start": 0, "end": 19, "kind": "text", "content_hash": "x"}],
+    )
+    report = index_paths(coll, [src], tiny_encoder)
+    assert report.repaired == 1
+    assert report.unchanged == N_DOCS
+    assert live_ids(coll) == coll.store.passage_ids()
+
+
+def test_commit_and_reload(coll, src, tiny_encoder, tmp_path):
+    index_paths(coll, [src], tiny_encoder)
+    rows_before = len(coll.index.row_ids)
+    (src / "en.md").write_text("# Short\n\nNow only one sentence.\n")
+    index_paths(coll, [src], tiny_encoder)  # leaves deleted rows in the index
+    coll.commit()
+    live = live_ids(coll)
+    assert len(live) == coll.index.ntotal == coll.store.counts()["passages"]
+    assert len(coll.index.row_ids) > rows_before  # replaced rows are marked deleted, not compacted
+    reopened = Collection.open(tmp_path, "c")
+    try:
+        assert reopened.config == coll.config
+        assert reopened.config.max_tokens == 64 and reopened.config.overlap_tokens == 8
+        assert reopened.index.ntotal == coll.index.ntotal
+        loaded = VectorIndex.load(tmp_path / "collections" / "c" / "vectors")
+        assert loaded.ntotal == coll.index.ntotal
+        assert sorted(loaded.row_ids[loaded.row_ids >= 0].tolist()) == live
+        assert reopened.store.counts() == coll.store.counts()
+    finally:
+        reopened.close()
+
+
+def test_index_documents_directly(coll, tiny_encoder):
+    docs = [
+        Document("d1", "Hello there, this is the first document.", title="One"),
+        Document("d2", "def f():\n    return 1\n", kind="python", lang="python"),
+    ]
+    report = index_documents(coll, iter(docs), tiny_encoder)
+    assert (report.added, report.documents) == (2, 2)
+    assert rows_of(coll, "d2")[0].title == "def f"
+    # a changed chunking configuration changes every content hash
+    assert docs[0].content_hash("64/8") != docs[0].content_hash("256/32")
+    again = index_documents(coll, iter(docs), tiny_encoder)
+    assert again.unchanged == 2
