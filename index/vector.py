@@ -42,6 +42,7 @@ from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidIn
 from index.atomic import fsync_dir, write_json, write_npy, write_with
 
 MANIFEST = "manifest.json"
+_TEMP_FILE = re.compile(r"\.(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)\..+\.tmp")
 _GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)")
 FORMAT_VERSION = 1
 _SPEC_RE = re.compile(r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
@@ -261,9 +262,12 @@ class VectorIndex:
             self.fit(x)
         start = len(self.row_ids)
         rows = np.arange(start, start + len(x), dtype=np.int64)
-        if self.index.ntotal != start:
+        if self.index.ntotal != self._faiss_rows():
             raise CorruptIndexError("the FAISS index and its id map disagree: rebuild the index")
-        self.index.add(self._encode_for_index(x))  # sequential labels == row numbers
+        if self.spec.family == "bivf":
+            self.index.add_with_ids(self._encode_for_index(x), rows)
+        else:
+            self.index.add(self._encode_for_index(x))  # sequential labels == row numbers
         self.floats.append(x)
         if self.codes is not None:
             self.codes.append(quantize_int8(x, self.int8))
@@ -278,8 +282,14 @@ class VectorIndex:
         if len(rows) == 0:
             return 0
         self.row_ids[rows] = -1
+        if self.spec.family == "bivf":  # inverted lists store labels, so removal renumbers nothing
+            self.index.remove_ids(rows)
         self._selector = None
         return len(rows)
+
+    def _faiss_rows(self) -> int:
+        """How many entries the FAISS index should hold (binary IVF drops deleted ones)."""
+        return self.ntotal if self.spec.family == "bivf" else len(self.row_ids)
 
     def _encode_for_index(self, x: np.ndarray) -> np.ndarray:
         return quantize_ubinary(x, self.binary) if self.spec.precision == "ubinary" else x
@@ -308,15 +318,29 @@ class VectorIndex:
             scores = self._rescore(q, rows)
         return self._finish(scores, rows, k)
 
-    def _raw_search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.spec.family in ("hnsw", "hnsw_sq8") or self.spec.family == "bhnsw":
-            self.index.hnsw.efSearch = max(self.ef_search, n)
+    def _params(self, n: int):
+        """Per-call search parameters: graph/list breadth, and a selector skipping deleted rows."""
+        if self._selector is None and self.ntotal < len(self.row_ids) and self.spec.family != "bivf":
+            batch = faiss.IDSelectorBatch(np.flatnonzero(self.row_ids < 0).astype(np.int64))
+            self._selector = (faiss.IDSelectorNot(batch), batch)
+        if self.spec.family in ("hnsw", "hnsw_sq8", "bhnsw"):
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.ef_search, n)
         elif self.spec.family == "bivf":
-            self.index.nprobe = self.nprobe
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self.nprobe
+        else:
+            params = faiss.SearchParameters()
+        if self._selector is not None:
+            params.sel = self._selector[0]
+        return params
+
+    def _raw_search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        params = self._params(n)
         if self.spec.precision == "ubinary":
-            dist, rows = self.index.search(quantize_ubinary(q, self.binary), n)
+            dist, rows = self.index.search(quantize_ubinary(q, self.binary), n, params=params)
             return (1.0 - 2.0 * dist.astype(np.float32) / self.dim), rows
-        scores, rows = self.index.search(q, n)
+        scores, rows = self.index.search(q, n, params=params)
         return scores.astype(np.float32), rows
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -409,7 +433,8 @@ class VectorIndex:
         write_json(folder / MANIFEST, manifest)  # the commit point
         keep = {*manifest["files"].values(), self._files.get("rotation")}
         for stale in folder.iterdir():
-            if _GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep:
+            # older generations, and temporary files of saves that were killed half-way
+            if (_GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep) or _TEMP_FILE.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         fsync_dir(folder)
         self.directory = folder
@@ -446,11 +471,11 @@ class VectorIndex:
                 self._files["codes"] = files["codes"]
         except CorruptIndexError:
             raise
-        except (KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, OSError, RuntimeError, MemoryError) as exc:
             raise CorruptIndexError(
                 f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index` to rebuild it"
             ) from exc
-        if len(self.row_ids) != rows or self.index.ntotal != rows or self.index.d != self.dim:
+        if len(self.row_ids) != rows or self.index.ntotal != self._faiss_rows() or self.index.d != self.dim:
             raise CorruptIndexError(f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`")
         self.directory = folder
         return self
