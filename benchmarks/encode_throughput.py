@@ -36,18 +36,25 @@ def main() -> None:
     ours = enc.encode(texts, kind="passage")
     ours_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = enc.model.encode(texts, prompt_name="passage", batch_size=args.batch_size, normalize_embeddings=True)
+    ref = enc.model.encode(
+        texts, prompt_name="passage", batch_size=args.batch_size, normalize_embeddings=True
+    )
     ref_s = time.perf_counter() - t0
-    print(json.dumps({
-        "passages": len(texts),
-        "kvrag_passages_per_s": round(len(texts) / ours_s, 2),
-        "sentence_transformers_passages_per_s": round(len(texts) / ref_s, 2),
-        "speedup": round(ref_s / ours_s, 3),
-        "min_cosine_vs_reference": round(float((ours * ref).sum(axis=1).min()), 6),
-        "st_batch_size": args.batch_size,
-        "kvrag_batch_tokens": enc.config.batch_tokens,
-        "mean_tokens": round(float(np.mean(enc.count_tokens(texts))), 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "passages": len(texts),
+                "kvrag_passages_per_s": round(len(texts) / ours_s, 2),
+                "sentence_transformers_passages_per_s": round(len(texts) / ref_s, 2),
+                "speedup": round(ref_s / ours_s, 3),
+                "min_cosine_vs_reference": round(float((ours * ref).sum(axis=1).min()), 6),
+                "st_batch_size": args.batch_size,
+                "kvrag_batch_tokens": enc.config.batch_tokens,
+                "mean_tokens": round(float(np.mean(enc.count_tokens(texts))), 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

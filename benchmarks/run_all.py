@@ -19,8 +19,13 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def kvrag(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "service.cli", *args, "--json"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--json"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -35,16 +40,41 @@ def main() -> None:
         ["eval", "retrieval", "--data", scifact, "--precision", "ubinary"],
         ["eval", "retrieval", "--data", scifact, "--precision", "ubinary", "--rescore", "4"],
         ["eval", "retrieval", "--data", scifact, "--precision", "ubinary", "--binary-method", "mean"],
-        ["eval", "retrieval", "--data", scifact, "--precision", "ubinary", "--binary-method", "mean", "--rescore", "4"],
+        [
+            "eval",
+            "retrieval",
+            "--data",
+            scifact,
+            "--precision",
+            "ubinary",
+            "--binary-method",
+            "mean",
+            "--rescore",
+            "4",
+        ],
         ["eval", "retrieval", "--data", scifact, "--precision", "ubinary", "--binary-method", "none"],
-        ["eval", "retrieval", "--data", scifact, "--precision", "ubinary", "--rescore", "4", "--rescore-with", "int8"],
+        [
+            "eval",
+            "retrieval",
+            "--data",
+            scifact,
+            "--precision",
+            "ubinary",
+            "--rescore",
+            "4",
+            "--rescore-with",
+            "int8",
+        ],
         ["eval", "retrieval", "--data", scifact, "--precision", "int8"],
         ["eval", "retrieval", "--data", scifact, "--precision", "int8", "--rescore", "4"],
         ["eval", "retrieval", "--data", scifact, "--hybrid"],
         ["eval", "retrieval", "--data", scifact, "--hybrid", "--bm25-language", "english"],
         *[["eval", "retrieval", "--data", scifact, "--dim", str(d)] for d in (256, 128, 64)],
         *[["eval", "retrieval", "--data", str(xq / lang)] for lang in ("en", "de", "zh")],
-        *[["eval", "retrieval", "--data", str(xq / lang), "--corpus", str(xq / "en")] for lang in ("de", "zh")],
+        *[
+            ["eval", "retrieval", "--data", str(xq / lang), "--corpus", str(xq / "en")]
+            for lang in ("de", "zh")
+        ],
     ]
     if not args.quick:
         runs.append(["bench", "index", "--n", "1000000", "--dim", "384"])

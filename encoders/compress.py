@@ -30,7 +30,9 @@ def truncate(x: np.ndarray, dim: int | None) -> np.ndarray:
     if dim is None or dim == x.shape[-1]:
         return normalize(x)
     if not 0 < dim <= x.shape[-1]:
-        raise DimensionMismatchError(f"cannot truncate {x.shape[-1]}-dim embeddings to {dim}: pick 1..{x.shape[-1]}")
+        raise DimensionMismatchError(
+            f"cannot truncate {x.shape[-1]}-dim embeddings to {dim}: pick 1..{x.shape[-1]}"
+        )
     return normalize(x[..., :dim])
 
 
@@ -89,8 +91,15 @@ class BinaryCalibration:
     rotation: np.ndarray | None = None  # (dim, dim), applied as (x - mean) @ rotation
 
     @classmethod
-    def fit(cls, x: np.ndarray, method: Literal["mean", "itq", "none"] = "itq", *, iterations: int = 50,
-            seed: int = 0, max_samples: int = 20_000) -> BinaryCalibration:
+    def fit(
+        cls,
+        x: np.ndarray,
+        method: Literal["mean", "itq", "none"] = "itq",
+        *,
+        iterations: int = 50,
+        seed: int = 0,
+        max_samples: int = 20_000,
+    ) -> BinaryCalibration:
         """Fit on corpus embeddings. `method="none"` keeps raw signs (for comparison only)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or len(x) == 0:

@@ -30,8 +30,14 @@ class Encoder(Protocol):
     max_tokens: int
     fingerprint: str
 
-    def encode(self, texts: Sequence[str], *, kind: Kind = "passage", dim: int | None = None,
-               show_progress: bool = False) -> np.ndarray: ...
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Kind = "passage",
+        dim: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray: ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
@@ -115,7 +121,9 @@ class SentenceTransformerEncoder:
         out, cur, cur_max = [], [], 0
         for i in order:
             longest = max(cur_max, lengths[i])
-            if cur and (longest * (len(cur) + 1) > self.config.batch_tokens or len(cur) >= self.config.max_batch):
+            if cur and (
+                longest * (len(cur) + 1) > self.config.batch_tokens or len(cur) >= self.config.max_batch
+            ):
                 out.append(np.asarray(cur))
                 cur, longest = [], lengths[i]
             cur.append(i)
@@ -124,8 +132,14 @@ class SentenceTransformerEncoder:
             out.append(np.asarray(cur))
         return out
 
-    def encode(self, texts: Sequence[str], *, kind: Kind = "passage", dim: int | None = None,
-               show_progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Kind = "passage",
+        dim: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         """Embed texts as queries or passages; `dim` truncates (Matryoshka) and re-normalises."""
         if kind not in ("query", "passage"):
             raise InvalidInputError(f"kind must be 'query' or 'passage', not {kind!r}")
@@ -143,8 +157,10 @@ class SentenceTransformerEncoder:
         torch = self._torch
         with self._lock, torch.inference_mode():
             for g in groups:
-                features = self.tokenizer.pad({"input_ids": [ids[i] for i in g], "attention_mask": [mask[i] for i in g]},
-                                              return_tensors="pt")
+                features = self.tokenizer.pad(
+                    {"input_ids": [ids[i] for i in g], "attention_mask": [mask[i] for i in g]},
+                    return_tensors="pt",
+                )
                 features = {k: v.to(self.model.device) for k, v in features.items()}
                 emb = self.model(features)["sentence_embedding"]
                 out[g] = emb.float().cpu().numpy()
@@ -176,20 +192,26 @@ class EmbeddingCache:
         found: dict[bytes, bytes] = {}
         with self._lock:
             for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                rows = self._db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                chunk = keys[start : start + 500]
+                rows = self._db.execute(
+                    f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                )
                 found.update(rows.fetchall())
         out: list[np.ndarray | None] = []
         for k in keys:
             blob = found.get(k)
-            out.append(np.frombuffer(blob, dtype="<f4") if blob is not None and len(blob) == 4 * dim else None)
+            out.append(
+                np.frombuffer(blob, dtype="<f4") if blob is not None and len(blob) == 4 * dim else None
+            )
         return out
 
     def put_many(self, items: list[tuple[bytes, np.ndarray]]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
-                                 [(k, np.asarray(v, dtype="<f4").tobytes()) for k, v in items])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                [(k, np.asarray(v, dtype="<f4").tobytes()) for k, v in items],
+            )
             self._db.execute("COMMIT")
 
     def close(self) -> None:
@@ -201,14 +223,25 @@ class CachedEncoder:
 
     def __init__(self, inner: Encoder, cache: EmbeddingCache):
         self.inner, self.cache = inner, cache
-        self.name, self.dim, self.max_tokens, self.fingerprint = inner.name, inner.dim, inner.max_tokens, inner.fingerprint
+        self.name, self.dim, self.max_tokens, self.fingerprint = (
+            inner.name,
+            inner.dim,
+            inner.max_tokens,
+            inner.fingerprint,
+        )
         self.hits = self.misses = 0
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)
 
-    def encode(self, texts: Sequence[str], *, kind: Kind = "passage", dim: int | None = None,
-               show_progress: bool = False) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        kind: Kind = "passage",
+        dim: int | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
         texts = _check_texts(texts)
         keys = [EmbeddingCache.key(self.fingerprint, kind, t) for t in texts]
         cached = self.cache.get_many(keys, self.dim)

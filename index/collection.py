@@ -1,8 +1,8 @@
 """A collection: one folder holding the passage store, the vector index, the BM25 index and config.
 
-    $KVRAG_HOME/collections/NAME/passages.sqlite
-                                 vectors/manifest.json, index.G.faiss, ids.G.npy, vectors.f32, ...
-                                 bm25/
+$KVRAG_HOME/collections/NAME/passages.sqlite
+                             vectors/manifest.json, index.G.faiss, ids.G.npy, vectors.f32, ...
+                             bm25/
 """
 
 from __future__ import annotations
@@ -59,8 +59,20 @@ class Hit:
 
     @classmethod
     def from_row(cls, row: PassageRow, score: float) -> Hit:
-        return cls(row.id, float(score), row.doc_id, row.doc_title, row.source, row.text, row.start, row.end,
-                   row.lang, row.kind, row.title, row.metadata)
+        return cls(
+            row.id,
+            float(score),
+            row.doc_id,
+            row.doc_title,
+            row.source,
+            row.text,
+            row.start,
+            row.end,
+            row.lang,
+            row.kind,
+            row.title,
+            row.metadata,
+        )
 
 
 def validate_name(name: str) -> str:
@@ -89,7 +101,9 @@ class Collection:
     def create(cls, home: Path, name: str, config: CollectionConfig) -> Collection:
         folder = cls.folder_for(home, name)
         if (folder / "passages.sqlite").exists():
-            raise InvalidInputError(f"collection {name!r} already exists: delete it first or pick another name")
+            raise InvalidInputError(
+                f"collection {name!r} already exists: delete it first or pick another name"
+            )
         parse_spec(config.spec)
         if config.rescore_with not in ("float32", "int8"):
             raise InvalidInputError("rescore_with must be float32 or int8")
@@ -102,7 +116,9 @@ class Collection:
     def open(cls, home: Path, name: str) -> Collection:
         folder = cls.folder_for(home, name)
         if not (folder / "passages.sqlite").exists():
-            raise CollectionNotFoundError(f"no collection {name!r} in {home}: create it with `kvrag index --collection {name} PATH`")
+            raise CollectionNotFoundError(
+                f"no collection {name!r} in {home}: create it with `kvrag index --collection {name} PATH`"
+            )
         store = PassageStore(folder / "passages.sqlite")
         raw = store.collection_config() or {}
         known = CollectionConfig.__dataclass_fields__
@@ -118,7 +134,11 @@ class Collection:
     @staticmethod
     def list(home: Path) -> list[str]:
         root = Path(home) / "collections"
-        return sorted(p.name for p in root.iterdir() if (p / "passages.sqlite").exists()) if root.exists() else []
+        return (
+            sorted(p.name for p in root.iterdir() if (p / "passages.sqlite").exists())
+            if root.exists()
+            else []
+        )
 
     @classmethod
     def delete(cls, home: Path, name: str) -> None:
@@ -140,10 +160,17 @@ class Collection:
     def ensure_index(self, dim: int) -> VectorIndex:
         """The vector index, created on first use with the encoder's (truncated) dimension."""
         if self.index is None:
-            self._index = VectorIndex(self.config.spec, dim, encoder=self.config.encoder,
-                                      rescore_with=self.config.rescore_with, binary_method=self.config.binary_method)
+            self._index = VectorIndex(
+                self.config.spec,
+                dim,
+                encoder=self.config.encoder,
+                rescore_with=self.config.rescore_with,
+                binary_method=self.config.binary_method,
+            )
         if self._index.dim != dim:
-            raise DimensionMismatchError(f"collection {self.name!r} holds {self._index.dim}-dim vectors, got {dim}")
+            raise DimensionMismatchError(
+                f"collection {self.name!r} holds {self._index.dim}-dim vectors, got {dim}"
+            )
         return self._index
 
     @property
@@ -174,8 +201,16 @@ class Collection:
             self.rebuild_bm25()
 
     # -- search ---------------------------------------------------------------------------------
-    def search(self, query: str, encoder: Encoder, *, k: int = 10, filter: dict | None = None,
-               hybrid: bool = False, rescore: int = 1) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        encoder: Encoder,
+        *,
+        k: int = 10,
+        filter: dict | None = None,
+        hybrid: bool = False,
+        rescore: int = 1,
+    ) -> list[Hit]:
         """Dense (optionally hybrid BM25 + dense by RRF) search with an optional metadata filter."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty: give some text to search for")
@@ -184,7 +219,9 @@ class Collection:
         if not 1 <= k <= 1000:
             raise InvalidInputError("k must be between 1 and 1000")
         if encoder.name != self.config.encoder:
-            raise InvalidInputError(f"collection {self.name!r} was built with {self.config.encoder}, not {encoder.name}")
+            raise InvalidInputError(
+                f"collection {self.name!r} was built with {self.config.encoder}, not {encoder.name}"
+            )
         index = self.index
         if index is None or index.ntotal == 0:
             return []

@@ -39,8 +39,12 @@ class BM25Index:
     def _tokenize(self, texts: Sequence[str]):
         import bm25s
 
-        stopwords = self.language[:2] if self.language in {"english", "german", "french", "spanish", "italian",
-                                                            "portuguese", "dutch", "swedish"} else None
+        stopwords = (
+            self.language[:2]
+            if self.language
+            in {"english", "german", "french", "spanish", "italian", "portuguese", "dutch", "swedish"}
+            else None
+        )
         return bm25s.tokenize(list(texts), stopwords=stopwords, stemmer=self._stemmer(), show_progress=False)
 
     def build(self, ids: Sequence[int], texts: Sequence[str]) -> None:
@@ -61,7 +65,9 @@ class BM25Index:
         if self._retriever is None or n == 0:
             return out_s, out_i
         kk = min(k, len(self.ids))
-        docs, scores = self._retriever.retrieve(self._tokenize(queries), k=kk, show_progress=False, n_threads=1)
+        docs, scores = self._retriever.retrieve(
+            self._tokenize(queries), k=kk, show_progress=False, n_threads=1
+        )
         for i in range(n):
             hit = scores[i] > 0
             m = int(hit.sum())
@@ -89,7 +95,9 @@ class BM25Index:
             if len(self.ids):
                 self._retriever = bm25s.BM25.load(str(folder / "bm25s"))
         except (OSError, ValueError, KeyError) as exc:
-            raise CorruptIndexError(f"BM25 index at {folder} is unreadable ({exc}): re-run `kvrag index`") from exc
+            raise CorruptIndexError(
+                f"BM25 index at {folder} is unreadable ({exc}): re-run `kvrag index`"
+            ) from exc
         return self
 
 

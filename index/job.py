@@ -25,10 +25,28 @@ from index.lang import guess_language
 
 TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
 CODE_SUFFIXES = {
-    ".py": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust",
-    ".java": "java", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".rb": "ruby",
-    ".sh": "shell", ".sql": "sql", ".kt": "kotlin", ".swift": "swift", ".cs": "csharp", ".php": "php",
-    ".scala": "scala", ".lua": "lua", ".r": "r",
+    ".py": "python",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".ts": "typescript",
+    ".go": "go",
+    ".rs": "rust",
+    ".java": "java",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".hpp": "cpp",
+    ".rb": "ruby",
+    ".sh": "shell",
+    ".sql": "sql",
+    ".kt": "kotlin",
+    ".swift": "swift",
+    ".cs": "csharp",
+    ".php": "php",
+    ".scala": "scala",
+    ".lua": "lua",
+    ".r": "r",
 }
 MAX_FILE_BYTES = 10_000_000
 MAX_DOC_CHARS = 2_000_000
@@ -47,8 +65,11 @@ class Document:
     metadata: dict = field(default_factory=dict)
 
     def content_hash(self, chunking: str) -> str:
-        payload = json.dumps([self.text, self.title, self.kind, self.lang, self.metadata, chunking],
-                             sort_keys=True, ensure_ascii=False)
+        payload = json.dumps(
+            [self.text, self.title, self.kind, self.lang, self.metadata, chunking],
+            sort_keys=True,
+            ensure_ascii=False,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -88,14 +109,18 @@ def read_jsonl(path: Path) -> Iterator[Document]:
                 doc_id = rec.pop("id", None)
             text = rec.pop("text", None)
             if doc_id is None or str(doc_id) == "" or not isinstance(text, str):
-                raise InvalidInputError(f"{path}:{n}: each record needs an id (`_id` or `id`) and a string `text`")
+                raise InvalidInputError(
+                    f"{path}:{n}: each record needs an id (`_id` or `id`) and a string `text`"
+                )
             meta = rec.pop("metadata", None) or {}
             if not isinstance(meta, dict):
                 raise InvalidInputError(f"{path}:{n}: `metadata` must be an object")
             title = rec.pop("title", None) or None
             lang = rec.pop("lang", None) or rec.pop("language", None)
             meta.update(rec)
-            yield Document(str(doc_id), text, title=title, source=str(path), kind="text", lang=lang, metadata=meta)
+            yield Document(
+                str(doc_id), text, title=title, source=str(path), kind="text", lang=lang, metadata=meta
+            )
 
 
 def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Document]:
@@ -104,15 +129,23 @@ def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Docu
         root = Path(raw).expanduser().resolve()
         if not root.exists():
             raise InvalidInputError(f"{raw}: no such file or folder")
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            )
         )
         for path in files:
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
                 yield from read_jsonl(path)
                 continue
-            kind = TEXT_SUFFIXES.get(suffix) or ("python" if suffix == ".py" else "code" if suffix in CODE_SUFFIXES else None)
+            kind = TEXT_SUFFIXES.get(suffix) or (
+                "python" if suffix == ".py" else "code" if suffix in CODE_SUFFIXES else None
+            )
             if kind is None:
                 skipped.append(f"{path} (unsupported type)")
                 continue
@@ -143,9 +176,16 @@ def embed_text(title: str | None, text: str, kind: str) -> str:
     return f"{title} {text}" if title and kind == "text" else text
 
 
-def index_documents(collection: Collection, docs: Iterator[Document], encoder: Encoder, *,
-                    prune_sources: list[str] | None = None, batch_docs: int = 256,
-                    show_progress: bool = False, report: JobReport | None = None) -> JobReport:
+def index_documents(
+    collection: Collection,
+    docs: Iterator[Document],
+    encoder: Encoder,
+    *,
+    prune_sources: list[str] | None = None,
+    batch_docs: int = 256,
+    show_progress: bool = False,
+    report: JobReport | None = None,
+) -> JobReport:
     """Bring the collection in line with `docs` (see module docstring)."""
     import time
 
@@ -183,25 +223,49 @@ def index_documents(collection: Collection, docs: Iterator[Document], encoder: E
             report.skipped_files.append(f"{doc.id} (empty)")
             continue
         if len(doc.text) > MAX_DOC_CHARS:
-            raise InvalidInputError(f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}")
+            raise InvalidInputError(
+                f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}"
+            )
         digest = doc.content_hash(chunking)
         if known.get(doc.id) == digest:
             report.unchanged += 1
             continue
-        chunks = chunk_document(doc.text, kind=doc.kind, count_tokens=encoder.count_tokens,  # type: ignore[arg-type]
-                                max_tokens=cfg.max_tokens, overlap_tokens=cfg.overlap_tokens)
+        chunks = chunk_document(
+            doc.text,
+            kind=doc.kind,
+            count_tokens=encoder.count_tokens,  # type: ignore[arg-type]
+            max_tokens=cfg.max_tokens,
+            overlap_tokens=cfg.overlap_tokens,
+        )
         doc_lang = doc.lang or (guess_language(doc.text) if doc.kind == "text" else None)
-        rows = [{"text": c.text, "start": c.start, "end": c.end, "kind": c.kind, "title": c.title,
-                 "lang": doc_lang if doc.kind != "text" else (doc.lang or guess_language(c.text) or doc_lang),
-                 "content_hash": hashlib.sha256(c.text.encode()).hexdigest()} for c in chunks]
+        rows = [
+            {
+                "text": c.text,
+                "start": c.start,
+                "end": c.end,
+                "kind": c.kind,
+                "title": c.title,
+                "lang": doc_lang if doc.kind != "text" else (doc.lang or guess_language(c.text) or doc_lang),
+                "content_hash": hashlib.sha256(c.text.encode()).hexdigest(),
+            }
+            for c in chunks
+        ]
         removed, added = collection.store.replace_document(
-            {"id": doc.id, "source": doc.source, "title": doc.title, "content_hash": digest, "metadata": doc.metadata},
+            {
+                "id": doc.id,
+                "source": doc.source,
+                "title": doc.title,
+                "content_hash": digest,
+                "metadata": doc.metadata,
+            },
             rows,
         )
         report.replaced += doc.id in known
         report.added += doc.id not in known
         report.passages_removed += index.remove(removed)
-        pending.extend((pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True))
+        pending.extend(
+            (pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True)
+        )
         collection.bm25_dirty = True
         if len(pending) >= batch_docs:
             flush()
@@ -209,8 +273,12 @@ def index_documents(collection: Collection, docs: Iterator[Document], encoder: E
     bar.close()
 
     if prune_sources is not None:
-        gone = [d for src in prune_sources
-                for d in collection.store.document_hashes(src, exact=not src.endswith(os.sep)) if d not in seen]
+        gone = [
+            d
+            for src in prune_sources
+            for d in collection.store.document_hashes(src, exact=not src.endswith(os.sep))
+            if d not in seen
+        ]
         if gone:
             report.passages_removed += index.remove(collection.store.delete_documents(gone))
             report.pruned = len(gone)
@@ -233,14 +301,22 @@ def repair(collection: Collection, encoder: Encoder) -> int:
     if missing:
         rows = collection.store.passages(missing)
         texts = [embed_text(r.doc_title, r.text, r.kind) for r in rows]
-        index.add(np.array([r.id for r in rows], dtype=np.int64),
-                  encoder.encode(texts, kind="passage", dim=index.dim))
+        index.add(
+            np.array([r.id for r in rows], dtype=np.int64),
+            encoder.encode(texts, kind="passage", dim=index.dim),
+        )
         collection.bm25_dirty = True
     return len(orphans) + len(missing)
 
 
-def index_paths(collection: Collection, paths: list[str | Path], encoder: Encoder, *, prune: bool = False,
-                show_progress: bool = False) -> JobReport:
+def index_paths(
+    collection: Collection,
+    paths: list[str | Path],
+    encoder: Encoder,
+    *,
+    prune: bool = False,
+    show_progress: bool = False,
+) -> JobReport:
     """`kvrag index`: index files, folders and JSONL into the collection."""
     report = JobReport(collection.name)
     sources = [str(Path(p).expanduser().resolve()) for p in paths]
@@ -248,5 +324,11 @@ def index_paths(collection: Collection, paths: list[str | Path], encoder: Encode
         if not Path(p).expanduser().exists():
             raise InvalidInputError(f"{p}: no such file or folder")
     prune_sources = [s + (os.sep if Path(s).is_dir() else "") for s in sources] if prune else None
-    return index_documents(collection, iter_documents(list(paths), report.skipped_files), encoder,
-                           prune_sources=prune_sources, show_progress=show_progress, report=report)
+    return index_documents(
+        collection,
+        iter_documents(list(paths), report.skipped_files),
+        encoder,
+        prune_sources=prune_sources,
+        show_progress=show_progress,
+        report=report,
+    )

@@ -11,8 +11,17 @@ import unicodedata
 from collections import Counter
 
 _SCRIPTS = (  # (Unicode name prefix, language) for scripts that identify a language well enough
-    ("CJK UNIFIED", "zh"), ("HIRAGANA", "ja"), ("KATAKANA", "ja"), ("HANGUL", "ko"), ("DEVANAGARI", "hi"),
-    ("ARABIC", "ar"), ("CYRILLIC", "ru"), ("GREEK", "el"), ("HEBREW", "he"), ("THAI", "th"), ("BENGALI", "bn"),
+    ("CJK UNIFIED", "zh"),
+    ("HIRAGANA", "ja"),
+    ("KATAKANA", "ja"),
+    ("HANGUL", "ko"),
+    ("DEVANAGARI", "hi"),
+    ("ARABIC", "ar"),
+    ("CYRILLIC", "ru"),
+    ("GREEK", "el"),
+    ("HEBREW", "he"),
+    ("THAI", "th"),
+    ("BENGALI", "bn"),
     ("TAMIL", "ta"),
 )
 _FUNCTION_WORDS = {

@@ -31,7 +31,13 @@ CREATE TABLE IF NOT EXISTS passages (
 CREATE INDEX IF NOT EXISTS passages_doc ON passages(doc_id);
 CREATE INDEX IF NOT EXISTS documents_source ON documents(source);
 """
-_COLUMNS = {"lang": "p.lang", "kind": "p.kind", "doc_id": "p.doc_id", "source": "d.source", "title": "d.title"}
+_COLUMNS = {
+    "lang": "p.lang",
+    "kind": "p.kind",
+    "doc_id": "p.doc_id",
+    "source": "d.source",
+    "title": "d.title",
+}
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -69,8 +75,10 @@ class PassageStore:
 
     # -- collection record ---------------------------------------------------------------------
     def set_collection(self, name: str, config: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO collections VALUES (?, ?, ?)",
-                        (name, json.dumps(config), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        self.db.execute(
+            "INSERT OR REPLACE INTO collections VALUES (?, ?, ?)",
+            (name, json.dumps(config), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        )
 
     def collection_config(self) -> dict | None:
         row = self.db.execute("SELECT config FROM collections LIMIT 1").fetchone()
@@ -83,21 +91,29 @@ class PassageStore:
         if source_prefix is None:
             rows = self.db.execute("SELECT id, content_hash FROM documents")
         elif exact:
-            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE source = ?", (source_prefix,))
+            rows = self.db.execute(
+                "SELECT id, content_hash FROM documents WHERE source = ?", (source_prefix,)
+            )
         else:
-            rows = self.db.execute("SELECT id, content_hash FROM documents WHERE substr(source, 1, ?) = ?",
-                                   (len(source_prefix), source_prefix))
+            rows = self.db.execute(
+                "SELECT id, content_hash FROM documents WHERE substr(source, 1, ?) = ?",
+                (len(source_prefix), source_prefix),
+            )
         return dict(rows.fetchall())
 
     def get_document(self, doc_id: str) -> dict | None:
-        row = self.db.execute("SELECT id, source, title, content_hash, metadata, updated_at FROM documents WHERE id=?",
-                              (doc_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, source, title, content_hash, metadata, updated_at FROM documents WHERE id=?",
+            (doc_id,),
+        ).fetchone()
         if row is None:
             return None
         keys = ("id", "source", "title", "content_hash", "metadata", "updated_at")
         doc = dict(zip(keys, row, strict=True))
         doc["metadata"] = json.loads(doc["metadata"])
-        doc["passages"] = [r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=? ORDER BY ord", (doc_id,))]
+        doc["passages"] = [
+            r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=? ORDER BY ord", (doc_id,))
+        ]
         return doc
 
     def replace_document(self, doc: dict, passages: Sequence[dict]) -> tuple[list[int], list[int]]:
@@ -111,16 +127,32 @@ class PassageStore:
             self.db.execute("DELETE FROM passages WHERE doc_id=?", (doc["id"],))
             self.db.execute(
                 "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?)",
-                (doc["id"], doc.get("source"), doc.get("title"), doc["content_hash"],
-                 json.dumps(doc.get("metadata") or {}, ensure_ascii=False), now),
+                (
+                    doc["id"],
+                    doc.get("source"),
+                    doc.get("title"),
+                    doc["content_hash"],
+                    json.dumps(doc.get("metadata") or {}, ensure_ascii=False),
+                    now,
+                ),
             )
             added = []
             for i, p in enumerate(passages):
                 cur = self.db.execute(
                     "INSERT INTO passages (doc_id, ord, text, start, end, lang, kind, title, metadata, content_hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc["id"], i, p["text"], p["start"], p["end"], p.get("lang"), p["kind"], p.get("title"),
-                     json.dumps(p.get("metadata") or {}, ensure_ascii=False), p["content_hash"]),
+                    (
+                        doc["id"],
+                        i,
+                        p["text"],
+                        p["start"],
+                        p["end"],
+                        p.get("lang"),
+                        p["kind"],
+                        p.get("title"),
+                        json.dumps(p.get("metadata") or {}, ensure_ascii=False),
+                        p["content_hash"],
+                    ),
                 )
                 added.append(int(cur.lastrowid))
         return removed, added
@@ -130,7 +162,9 @@ class PassageStore:
         removed: list[int] = []
         with self.transaction():
             for doc_id in doc_ids:
-                removed += [r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=?", (doc_id,))]
+                removed += [
+                    r[0] for r in self.db.execute("SELECT id FROM passages WHERE doc_id=?", (doc_id,))
+                ]
                 self.db.execute("DELETE FROM documents WHERE id=?", (doc_id,))
         return removed
 
@@ -146,7 +180,7 @@ class PassageStore:
         found: dict[int, PassageRow] = {}
         ids = list(ids)
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             rows = self.db.execute(
                 "SELECT p.id, p.doc_id, p.ord, p.text, p.start, p.end, p.lang, p.kind, p.title, d.title, d.source,"
                 f" p.metadata FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.id IN ({','.join('?' * len(chunk))})",
@@ -160,7 +194,9 @@ class PassageStore:
         """(ids, texts) batches of all passages in id order."""
         last = 0
         while True:
-            rows = self.db.execute("SELECT id, text FROM passages WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+            rows = self.db.execute(
+                "SELECT id, text FROM passages WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ).fetchall()
             if not rows:
                 return
             yield [r[0] for r in rows], [r[1] for r in rows]
@@ -180,7 +216,9 @@ class PassageStore:
                 raise InvalidInputError(f"filter key {key!r} is not a valid field name")
             values = value if isinstance(value, list) else [value]
             if not values or any(not isinstance(v, str | int | float | bool) for v in values):
-                raise InvalidInputError(f"filter value for {key!r} must be a string, number, boolean or a list of them")
+                raise InvalidInputError(
+                    f"filter value for {key!r} must be a string, number, boolean or a list of them"
+                )
             if key in _COLUMNS:
                 expr = _COLUMNS[key]
             else:
@@ -208,4 +246,3 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         return False
-

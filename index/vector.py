@@ -45,8 +45,10 @@ MANIFEST = "manifest.json"
 _TEMP_FILE = re.compile(r"\.(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)\..+\.tmp")
 _GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)")
 FORMAT_VERSION = 1
-_SPEC_RE = re.compile(r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
-                      r"|BHNSW(?P<bhnsw>\d+)|BIVF(?P<bivf>\d+))$")
+_SPEC_RE = re.compile(
+    r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
+    r"|BHNSW(?P<bhnsw>\d+)|BIVF(?P<bivf>\d+))$"
+)
 
 
 @dataclass(frozen=True)
@@ -153,14 +155,28 @@ class RowStore:
 class VectorIndex:
     """A FAISS index plus the row stores, calibrations and id map that make it a usable index."""
 
-    def __init__(self, spec: str, dim: int, *, encoder: str = "", rescore_with: str = "float32",
-                 binary_method: str = "itq"):
+    def __init__(
+        self,
+        spec: str,
+        dim: int,
+        *,
+        encoder: str = "",
+        rescore_with: str = "float32",
+        binary_method: str = "itq",
+    ):
         self.spec = parse_spec(spec)
         if dim <= 0 or (self.spec.precision == "ubinary" and dim % 8):
-            raise DimensionMismatchError(f"dimension {dim} does not suit {spec}: binary codes need a multiple of 8")
+            raise DimensionMismatchError(
+                f"dimension {dim} does not suit {spec}: binary codes need a multiple of 8"
+            )
         if rescore_with not in ("float32", "int8"):
             raise InvalidInputError(f"rescore_with must be float32 or int8, not {rescore_with!r}")
-        self.dim, self.encoder, self.rescore_with, self.binary_method = dim, encoder, rescore_with, binary_method
+        self.dim, self.encoder, self.rescore_with, self.binary_method = (
+            dim,
+            encoder,
+            rescore_with,
+            binary_method,
+        )
         self.int8: Int8Calibration | None = None
         self.binary: BinaryCalibration | None = None
         self.index = self._new_faiss()
@@ -211,14 +227,18 @@ class VectorIndex:
             self.int8 = Int8Calibration.fit(x)
         if self.spec.precision == "int8":
             sq = self.index if self.spec.family == "sq8" else faiss.downcast_index(self.index.storage)
-            faiss.copy_array_to_vector(np.concatenate([self.int8.lo, self.int8.hi - self.int8.lo]), sq.sq.trained)
+            faiss.copy_array_to_vector(
+                np.concatenate([self.int8.lo, self.int8.hi - self.int8.lo]), sq.sq.trained
+            )
             sq.is_trained = True
             self.index.is_trained = True
         if self.spec.precision == "ubinary":
             self.binary = BinaryCalibration.fit(x, self.binary_method)  # type: ignore[arg-type]
             if self.spec.family == "bivf":
                 if len(x) < self.spec.param:
-                    raise InvalidInputError(f"{self.spec.text} needs at least {self.spec.param} vectors to train")
+                    raise InvalidInputError(
+                        f"{self.spec.text} needs at least {self.spec.param} vectors to train"
+                    )
                 self.index.train(quantize_ubinary(x, self.binary))
 
     # -- data -----------------------------------------------------------------------------------
@@ -257,7 +277,9 @@ class VectorIndex:
         row_of = self._rows_of()
         dup = [i for i in ids.tolist() if i in row_of]
         if dup or len(np.unique(ids)) != len(ids):
-            raise InvalidInputError(f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first")
+            raise InvalidInputError(
+                f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first"
+            )
         if not self.fitted:
             self.fit(x)
         start = len(self.row_ids)
@@ -277,8 +299,10 @@ class VectorIndex:
     def remove(self, ids: np.ndarray | list[int]) -> int:
         """Delete vectors by id; unknown ids are ignored. Returns how many were removed."""
         row_of = self._rows_of()
-        rows = np.array([row_of.pop(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist() if i in row_of],
-                        dtype=np.int64)
+        rows = np.array(
+            [row_of.pop(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist() if i in row_of],
+            dtype=np.int64,
+        )
         if len(rows) == 0:
             return 0
         self.row_ids[rows] = -1
@@ -295,8 +319,9 @@ class VectorIndex:
         return quantize_ubinary(x, self.binary) if self.spec.precision == "ubinary" else x
 
     # -- search ---------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, *, rescore: int = 1,
-               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, rescore: int = 1, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ids are -1 where fewer than k vectors qualify.
 
         `rescore` > 1 fetches `rescore * k` candidates from the compressed index and re-ranks them by
@@ -393,16 +418,24 @@ class VectorIndex:
             "rescore_with": self.rescore_with,
             "int8": self.int8.to_json() if self.int8 is not None else None,
             "binary": (
-                {"method": self.binary_method, "mean": self.binary.mean.tolist(),
-                 "rotation": self._files.get("rotation")}
-                if self.binary is not None else None
+                {
+                    "method": self.binary_method,
+                    "mean": self.binary.mean.tolist(),
+                    "rotation": self._files.get("rotation"),
+                }
+                if self.binary is not None
+                else None
             ),
             "search": {"ef_search": self.ef_search, "nprobe": self.nprobe},
             "rows": len(self.row_ids),
             "live": self.ntotal,
             "generation": self.generation,
-            "files": {"index": f"index.{self.generation}.faiss", "ids": f"ids.{self.generation}.npy",
-                      "vectors": self._files.get("vectors"), "codes": self._files.get("codes")},
+            "files": {
+                "index": f"index.{self.generation}.faiss",
+                "ids": f"ids.{self.generation}.npy",
+                "vectors": self._files.get("vectors"),
+                "codes": self._files.get("codes"),
+            },
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -414,16 +447,25 @@ class VectorIndex:
         folder.mkdir(parents=True, exist_ok=True)
         old = _read_manifest(folder) if (folder / MANIFEST).exists() else None
         self.generation = max(self.generation, old["generation"] if old else 0) + 1
-        gen, same_folder = self.generation, self.directory is not None and self.directory.resolve() == folder.resolve()
+        gen, same_folder = (
+            self.generation,
+            self.directory is not None and self.directory.resolve() == folder.resolve(),
+        )
         # Files another generation may reference are never overwritten: row stores grow in place only
         # in their own folder (past the old manifest's row count); anything new gets a fresh name.
         for key, store, suffix in (("vectors", self.floats, "f32"), ("codes", self.codes, "i8")):
             if store is None:
                 continue
-            if not (same_folder and store.path is not None and store.path.parent.resolve() == folder.resolve()):
+            if not (
+                same_folder and store.path is not None and store.path.parent.resolve() == folder.resolve()
+            ):
                 self._files[key] = f"{key}.{gen}.{suffix}"
             store.save_to(folder / self._files[key])
-        if self.binary is not None and self.binary.rotation is not None and not (same_folder and "rotation" in self._files):
+        if (
+            self.binary is not None
+            and self.binary.rotation is not None
+            and not (same_folder and "rotation" in self._files)
+        ):
             self._files["rotation"] = f"binary_rotation.{gen}.npy"
             write_npy(folder / self._files["rotation"], self.binary.rotation)
         manifest = self.manifest()
@@ -434,7 +476,9 @@ class VectorIndex:
         keep = {*manifest["files"].values(), self._files.get("rotation")}
         for stale in folder.iterdir():
             # older generations, and temporary files of saves that were killed half-way
-            if (_GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep) or _TEMP_FILE.fullmatch(stale.name):
+            if (_GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep) or _TEMP_FILE.fullmatch(
+                stale.name
+            ):
                 stale.unlink(missing_ok=True)
         fsync_dir(folder)
         self.directory = folder
@@ -446,8 +490,13 @@ class VectorIndex:
         folder = Path(directory)
         m = _read_manifest(folder)
         try:
-            self = cls(m["spec"], int(m["dim"]), encoder=m.get("encoder", ""), rescore_with=m["rescore_with"],
-                       binary_method=(m.get("binary") or {}).get("method", "itq"))
+            self = cls(
+                m["spec"],
+                int(m["dim"]),
+                encoder=m.get("encoder", ""),
+                rescore_with=m["rescore_with"],
+                binary_method=(m.get("binary") or {}).get("method", "itq"),
+            )
             self.generation = int(m["generation"])
             self.ef_search = int(m.get("search", {}).get("ef_search", self.ef_search))
             self.nprobe = int(m.get("search", {}).get("nprobe", self.nprobe))
@@ -476,7 +525,9 @@ class VectorIndex:
                 f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index` to rebuild it"
             ) from exc
         if len(self.row_ids) != rows or self.index.ntotal != self._faiss_rows() or self.index.d != self.dim:
-            raise CorruptIndexError(f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`")
+            raise CorruptIndexError(
+                f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`"
+            )
         self.directory = folder
         return self
 
@@ -486,9 +537,13 @@ def _read_manifest(folder: Path) -> dict:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise CorruptIndexError(f"no index at {folder} ({MANIFEST} missing): build one with `kvrag index`") from exc
+        raise CorruptIndexError(
+            f"no index at {folder} ({MANIFEST} missing): build one with `kvrag index`"
+        ) from exc
     except (OSError, ValueError) as exc:
-        raise CorruptIndexError(f"{path} is unreadable ({exc}): re-run `kvrag index` to rebuild the index") from exc
+        raise CorruptIndexError(
+            f"{path} is unreadable ({exc}): re-run `kvrag index` to rebuild the index"
+        ) from exc
     if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
         raise CorruptIndexError(f"{path} has an unknown format: re-run `kvrag index` to rebuild the index")
     return m

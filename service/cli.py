@@ -43,22 +43,35 @@ def cmd_index(args: argparse.Namespace) -> int:
     for path in args.paths:
         if not Path(path).expanduser().exists():
             raise KvragError(f"{path}: no such file or folder")
-    config = CollectionConfig(encoder=args.encoder or settings.encoder, spec=args.spec, dim=args.dim,
-                              rescore_with=args.rescore_with, max_tokens=args.max_tokens,
-                              overlap_tokens=args.overlap_tokens, bm25_language=args.bm25_language)
+    config = CollectionConfig(
+        encoder=args.encoder or settings.encoder,
+        spec=args.spec,
+        dim=args.dim,
+        rescore_with=args.rescore_with,
+        max_tokens=args.max_tokens,
+        overlap_tokens=args.overlap_tokens,
+        bm25_language=args.bm25_language,
+    )
     collection = Collection.open_or_create(settings.root, args.collection, config)
     try:
         encoder = load_encoder(settings.encoder_config(collection.config.encoder))
-        report = index_paths(collection, args.paths, encoder, prune=args.prune,
-                             show_progress=not args.json and sys.stderr.isatty())
+        report = index_paths(
+            collection,
+            args.paths,
+            encoder,
+            prune=args.prune,
+            show_progress=not args.json and sys.stderr.isatty(),
+        )
     finally:
         collection.close()
     if args.json:
         _print_json(asdict(report))
     else:
-        print(f"{report.collection}: {report.added} added, {report.replaced} replaced, {report.unchanged} unchanged,"
-              f" {report.pruned} pruned; {report.documents} documents, {report.passages} passages"
-              f" ({report.seconds:.1f} s)")
+        print(
+            f"{report.collection}: {report.added} added, {report.replaced} replaced, {report.unchanged} unchanged,"
+            f" {report.pruned} pruned; {report.documents} documents, {report.passages} passages"
+            f" ({report.seconds:.1f} s)"
+        )
         for s in report.skipped_files[:20]:
             print(f"  skipped {s}")
     return 0
@@ -73,7 +86,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         encoder = load_encoder(settings.encoder_config(collection.config.encoder))
         flt = json.loads(args.filter) if args.filter else None
-        hits = collection.search(args.text, encoder, k=args.k, filter=flt, hybrid=args.hybrid, rescore=args.rescore)
+        hits = collection.search(
+            args.text, encoder, k=args.k, filter=flt, hybrid=args.hybrid, rescore=args.rescore
+        )
     except json.JSONDecodeError as exc:
         raise KvragError(f"--filter is not valid JSON: {exc.msg}") from exc
     finally:
@@ -95,12 +110,22 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
 
     settings = get_settings()
-    cfg = RetrievalEvalConfig(data=Path(args.data), corpus=Path(args.corpus) if args.corpus else None,
-                              precision=args.precision, spec=args.spec, dim=args.dim, rescore=args.rescore,
-                              rescore_with=args.rescore_with, binary_method=args.binary_method, hybrid=args.hybrid,
-                              bm25_language=args.bm25_language, limit=args.limit)
-    result = run_retrieval_eval(cfg, settings.encoder_config(args.encoder),
-                                show_progress=not args.json and sys.stderr.isatty())
+    cfg = RetrievalEvalConfig(
+        data=Path(args.data),
+        corpus=Path(args.corpus) if args.corpus else None,
+        precision=args.precision,
+        spec=args.spec,
+        dim=args.dim,
+        rescore=args.rescore,
+        rescore_with=args.rescore_with,
+        binary_method=args.binary_method,
+        hybrid=args.hybrid,
+        bm25_language=args.bm25_language,
+        limit=args.limit,
+    )
+    result = run_retrieval_eval(
+        cfg, settings.encoder_config(args.encoder), show_progress=not args.json and sys.stderr.isatty()
+    )
     _print_json(result) if args.json else print(" ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 
@@ -108,8 +133,9 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 def cmd_bench_index(args: argparse.Namespace) -> int:
     from index.bench import run_index_bench
 
-    result = run_index_bench(n=args.n, dim=args.dim, queries=args.queries, k=args.k, rescore=args.rescore,
-                             seed=args.seed)
+    result = run_index_bench(
+        n=args.n, dim=args.dim, queries=args.queries, k=args.k, rescore=args.rescore, seed=args.seed
+    )
     _print_json(result) if args.json else print(" ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 
@@ -126,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--collection", required=True)
     ix.add_argument("paths", nargs="+")
     ix.add_argument("--encoder", help="model spec (new collections only; default from KVRAG_ENCODER)")
-    ix.add_argument("--spec", default="Flat", help="index spec: Flat, HNSW32, SQ8, BFlat, BHNSW32, BIVF256, ...")
+    ix.add_argument(
+        "--spec", default="Flat", help="index spec: Flat, HNSW32, SQ8, BFlat, BHNSW32, BIVF256, ..."
+    )
     ix.add_argument("--dim", type=int, help="Matryoshka truncation dimension")
     ix.add_argument("--rescore-with", default="float32", choices=["float32", "int8"])
     ix.add_argument("--max-tokens", type=int, default=256, help="passage size in encoder tokens")
@@ -142,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=5)
     q.add_argument("--filter", help='metadata filter as JSON, e.g. {"lang": "de"}')
     q.add_argument("--hybrid", action="store_true", help="fuse BM25 with dense results")
-    q.add_argument("--rescore", type=int, default=1, help="candidate multiplier for rescoring compressed codes")
+    q.add_argument(
+        "--rescore", type=int, default=1, help="candidate multiplier for rescoring compressed codes"
+    )
     q.add_argument("--search-only", action="store_true", help="print hits without generating an answer")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)

