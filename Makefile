@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@# torch first, pinned: anything else would pull a CUDA build
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e '.[models,dev]'
+	$(PIP) install --quiet -e '.[models,stem,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
