@@ -71,10 +71,10 @@ def test_float_binary_int8_and_hybrid(xquad_slices, encoder_config):
         assert key in flt
     assert flt["docs"] == N_DOCS and flt["queries"] == 80
     assert flt["ndcg@10"] >= 0.9, flt
-    assert flt["bytes_per_vector"] == 384 * 4
+    assert 384 * 4 <= flt["bytes_per_vector"] < 384 * 4 + 2  # codes plus the FAISS header
 
     binary = run(xquad_slices, encoder_config, precision="ubinary", rescore=4)
-    assert binary["bytes_per_vector"] == 384 / 8
+    assert 384 / 8 <= binary["bytes_per_vector"] < 384 / 8 + 2
     assert binary["ndcg@10"] >= 0.9 * flt["ndcg@10"], binary
 
     int8 = run(xquad_slices, encoder_config, precision="int8", rescore=4)
