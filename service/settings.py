@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     device: str = "cpu"
     batch_tokens: int = 8192
     embedding_cache: bool = True
+    # Generation and passage KV caches.
+    generator: str = "bundled:smollm2-135m-instruct"
+    kv_url: str | None = None  # default: file://$KVRAG_HOME/kv (embedded, no server needed)
+    kv_codec: str = "fp16"
+    kv_batch_tokens: int = 4096
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
 
     @property
     def root(self) -> Path:
@@ -27,6 +34,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.root / "models"
+
+    @property
+    def kv_store_url(self) -> str:
+        return self.kv_url or f"file://{self.root / 'kv'}"
 
     def encoder_config(self, model: str | None = None) -> EncoderConfig:
         return EncoderConfig(

@@ -1,0 +1,125 @@
+"""`kvrag bench ttft`: time to first token of sequential prefill against APE with passage caches
+loaded from a KV store, on the same k passages and questions, in one run.
+
+Both sides start from token ids of the pieces (tokenising is the same work for both and is left
+out); retrieval is left out too. Sequential TTFT is one full prefill of prefix + k passages +
+question. APE TTFT is the store fetch of the k caches (one round trip), decoding the blobs, joining
+them and prefilling only the question.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from encoders.errors import InvalidInputError
+from rag.eval.squad import load_squad
+from rag.generation.generator import Generator
+from rag.kvcache.manager import KVCacheManager
+
+DEFAULT_DATA = Path("../shared/data/xquad/xquad.en.json")
+SAMPLE_DOCS = Path(__file__).resolve().parents[1] / "samples" / "docs"
+
+
+def _pieces(data: Path | None, k: int, questions: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """k (title, text) passages and questions about them."""
+    path = data if data is not None else (DEFAULT_DATA if DEFAULT_DATA.exists() else None)
+    if path is not None:
+        paragraphs, qs = load_squad(path)
+        if len(paragraphs) < k:
+            raise InvalidInputError(f"{path} has {len(paragraphs)} paragraphs; k={k} asks for more")
+        chosen = paragraphs[:k]
+        ids = {p.id for p in chosen}
+        picked: list[str] = []
+        seen_para: set[str] = set()
+        for q in qs:  # one question per paragraph first, then more
+            if q.paragraph_id in ids and q.paragraph_id not in seen_para:
+                picked.append(q.question)
+                seen_para.add(q.paragraph_id)
+        return [(p.title, p.context) for p in chosen], picked[:questions]
+    texts = sorted(SAMPLE_DOCS.glob("*.md"))
+    if len(texts) < 1:
+        raise InvalidInputError("no data: pass --data FILE (SQuAD format)")
+    passages = [(f.stem, f.read_text(encoding="utf-8")) for f in texts]
+    passages = (passages * (k // len(passages) + 1))[:k]
+    return passages, ["What is this text about?", "Summarise the first passage."][:questions]
+
+
+def run_ttft_bench(
+    generator: Generator,
+    kv: KVCacheManager,
+    *,
+    k: int = 10,
+    data: Path | None = None,
+    questions: int = 5,
+    repeats: int = 3,
+) -> dict:
+    if k < 1 or questions < 1 or repeats < 1:
+        raise InvalidInputError("--k, --questions and --repeats must be >= 1")
+    passages, qs = _pieces(data, k, questions)
+    p_ids = [generator.passage_ids(text, title) for title, text in passages]
+    q_ids = [generator.question_ids(q) for q in qs]
+    # Indexing time (not measured): the prefix and every passage cache are in the store.
+    kv.ensure(p_ids)
+    prefix = kv.prefix()
+    store = kv.store
+
+    def sequential(q: list[int]) -> float:
+        t0 = time.perf_counter()
+        s = generator.prefill("sequential", q, passage_ids=p_ids)
+        int(torch.argmax(s.logits))
+        return (time.perf_counter() - t0) * 1000
+
+    fetch: list[float] = []
+    decode: list[float] = []
+    blob_bytes: list[int] = []
+
+    def ape(q: list[int]) -> float:
+        t0 = time.perf_counter()
+        caches, report = kv.get(p_ids)
+        s = generator.prefill("ape", q, prefix=prefix, passages=caches, temperature=0.9, scale=0.9)
+        int(torch.argmax(s.logits))
+        total = (time.perf_counter() - t0) * 1000
+        if report.misses or report.corrupt:
+            raise RuntimeError(f"store {store.url} lost caches during the benchmark: {report}")
+        fetch.append(report.fetch_ms)
+        decode.append(report.decode_ms)
+        blob_bytes.append(report.bytes)
+        return total
+
+    sequential(q_ids[0])  # warm-up: allocator, threads, first-call paths
+    ape(q_ids[0])
+    fetch.clear()
+    decode.clear()
+    blob_bytes.clear()
+    seq_ms, ape_ms = [], []
+    for _ in range(repeats):
+        for q in q_ids:
+            seq_ms.append(sequential(q))
+            ape_ms.append(ape(q))
+    seq = statistics.median(seq_ms)
+    ap = statistics.median(ape_ms)
+    fetch_ms = statistics.median(fetch)
+    nbytes = statistics.median(blob_bytes)
+    return {
+        "generator": generator.spec,
+        "kv_url": store.url,
+        "kv_codec": kv.codec,
+        "k": k,
+        "questions": len(q_ids),
+        "repeats": repeats,
+        "context_tokens": len(generator.prefix_ids) + sum(len(p) for p in p_ids),
+        "question_tokens_median": statistics.median(len(q) for q in q_ids),
+        "sequential_ttft_ms": round(seq, 2),
+        "ape_ttft_ms": round(ap, 2),
+        "speedup": round(seq / ap, 2),
+        "kv_fetch_ms": round(fetch_ms, 2),
+        "kv_decode_ms": round(statistics.median(decode), 2),
+        "kv_bytes": int(nbytes),
+        "kv_fetch_gb_s": round(nbytes / (fetch_ms / 1000) / 1e9, 3) if fetch_ms > 0 else None,
+        "device": str(generator.device),
+        "torch_threads": torch.get_num_threads(),
+    }

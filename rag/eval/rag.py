@@ -1,0 +1,178 @@
+"""`kvrag eval rag`: answer SQuAD-format questions from retrieved paragraphs and score the answers.
+
+The file's paragraphs are indexed once as a collection (with their passage KV caches in the chosen
+store and codec); every question is answered from its top-k retrieved paragraphs in each requested
+variant (sequential, parallel, APE with given T and S) on the same retrieval, so differences come from
+the generation mode only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from encoders.errors import InvalidInputError
+from index.collection import Collection, CollectionConfig
+from index.job import Document, index_documents
+from rag.eval.squad import best_score, exact_match, f1_score, load_squad
+from rag.generation.generator import MODES, SamplingParams
+from rag.kvcache.manager import KVCacheManager
+from rag.pipeline import RagPipeline
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of answering: a mode, and for `ape` its temperature and scale."""
+
+    name: str
+    mode: str
+    temperature: float | Sequence[float] = 1.0
+    scale: float | Sequence[float] = 1.0
+
+    @classmethod
+    def of(cls, mode: str, temperature: float, scale: float) -> Variant:
+        if mode not in MODES:
+            raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if mode == "ape":
+            return cls(f"ape(T={temperature},S={scale})", mode, temperature, scale)
+        return cls(mode, mode)
+
+
+@dataclass
+class RagEvalConfig:
+    data: Path
+    k: int = 5
+    limit: int | None = None
+    offset: int = 0
+    max_new_tokens: int = 32
+    variants: list[Variant] = field(default_factory=lambda: [Variant("ape", "ape", 0.9, 0.9)])
+
+
+def collection_name(path: Path) -> str:
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
+    stem = "".join(c if c.isalnum() else "-" for c in Path(path).stem.lower())
+    return f"eval-{stem}-{digest}"
+
+
+def open_eval_collection(
+    home: Path, path: Path, encoder, encoder_spec: str, *, show_progress: bool = False
+) -> Collection:
+    """The file's paragraphs as a collection, built on first use (one passage per paragraph)."""
+    paragraphs, _ = load_squad(path)
+    name = collection_name(path)
+    config = CollectionConfig(
+        encoder=getattr(encoder, "spec", None) or CollectionConfig.encoder, max_tokens=512
+    )
+    collection = Collection.open_or_create(home, name, config)
+    if collection.store.counts().get("documents", 0) != len(paragraphs):
+        docs = (Document(id=p.id, text=p.context, title=p.title) for p in paragraphs)
+        index_documents(collection, docs, encoder, show_progress=show_progress)
+    return collection
+
+
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3) if xs else 0.0
+
+
+def run_rag_eval(
+    cfg: RagEvalConfig,
+    pipeline: RagPipeline,
+    *,
+    show_progress: bool = False,
+) -> dict:
+    """Answer and score; returns one dict (per-variant results under `variants` when there are several)."""
+    from tqdm.auto import tqdm
+
+    _, questions = load_squad(cfg.data)
+    if cfg.offset < 0 or (cfg.limit is not None and cfg.limit < 1):
+        raise InvalidInputError("--offset must be >= 0 and --limit >= 1")
+    questions = questions[cfg.offset : cfg.offset + cfg.limit if cfg.limit else None]
+    if not questions:
+        raise InvalidInputError("no questions in the selected range")
+    gen = pipeline.generator
+    kv: KVCacheManager = pipeline.kv
+    # Precompute every paragraph's cache (indexing time), so query-time fetches are store hits.
+    t0 = time.perf_counter()
+    rows = pipeline.collection.store.passages(pipeline.collection.store.passage_ids())
+    kv_index = kv.ensure([gen.passage_ids(r.text, r.doc_title) for r in rows], progress=show_progress)
+    kv_index["seconds"] = round(time.perf_counter() - t0, 3)
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
+    per: dict[str, dict[str, list[float]]] = {v.name: {} for v in cfg.variants}
+    recall = []
+    kv_bytes = []
+    ctx_tokens = []
+    bar = tqdm(questions, desc="questions", disable=not show_progress)
+    for q in bar:
+        t_r = time.perf_counter()
+        hits = pipeline.retrieve(q.question, cfg.k)
+        retrieval_ms = (time.perf_counter() - t_r) * 1000
+        recall.append(float(any(h.doc_id == q.paragraph_id for h in hits)))
+        gold_ids = gen._encode(q.answers[0])
+        for v in cfg.variants:
+            pipeline.ape_temperature, pipeline.ape_scale = v.temperature, v.scale
+            t_p = time.perf_counter()
+            prep = pipeline.prepare(q.question, mode=v.mode, hits=hits, max_new_tokens=cfg.max_new_tokens)
+            logps = gen.answer_logprobs(prep.session, gold_ids)
+            text, stats = gen.generate(prep.session, sampling)
+            # TTFT: retrieval + cache fetch (and any recompute) + prefill; the first token is the
+            # arg max of the prefill's logits.
+            m = per[v.name]
+            m.setdefault("em", []).append(best_score(exact_match, text, q.answers))
+            m.setdefault("f1", []).append(best_score(f1_score, text, q.answers))
+            m.setdefault("gold_logprob", []).append(sum(logps) / len(logps) if logps else 0.0)
+            m.setdefault("retrieval_ms", []).append(retrieval_ms)
+            m.setdefault("kv_fetch_ms", []).append(prep.timings["kv_fetch_ms"])
+            m.setdefault("prefill_ms", []).append(prep.timings["prefill_ms"])
+            m.setdefault("ttft_ms", []).append(
+                retrieval_ms + prep.timings["kv_fetch_ms"] + prep.timings["prefill_ms"]
+            )
+            m.setdefault("decode_tok_s", []).append(stats["decode_tok_s"])
+            m.setdefault("answer_tokens", []).append(stats["completion_tokens"])
+            m.setdefault("wall_ms", []).append((time.perf_counter() - t_p) * 1000)
+            if v.mode != "sequential" and prep.kv:
+                kv_bytes.append(prep.kv.get("bytes", 0))
+            ctx_tokens.append(prep.session.context_tokens)
+        if show_progress:
+            first_v = per[cfg.variants[0].name]
+            bar.set_postfix(f1=f"{sum(first_v['f1']) / len(first_v['f1']):.3f}")
+    results = {}
+    for v in cfg.variants:
+        m = per[v.name]
+        n = len(m["f1"])
+        results[v.name] = {
+            "mode": v.mode,
+            "temperature": v.temperature,
+            "scale": v.scale,
+            "em": round(sum(m["em"]) / n, 4),
+            "f1": round(sum(m["f1"]) / n, 4),
+            "gold_logprob": round(sum(m["gold_logprob"]) / n, 4),
+            "ttft_ms": _median(m["ttft_ms"]),
+            "ttft_split_ms": {
+                "retrieval": _median(m["retrieval_ms"]),
+                "kv_fetch": _median(m["kv_fetch_ms"]),
+                "prefill": _median(m["prefill_ms"]),
+            },
+            "decode_tok_s": _median(m["decode_tok_s"]),
+            "answer_tokens_mean": round(sum(m["answer_tokens"]) / n, 2),
+        }
+    common = {
+        "data": str(cfg.data),
+        "questions": len(questions),
+        "offset": cfg.offset,
+        "k": cfg.k,
+        f"recall@{cfg.k}": round(sum(recall) / len(recall), 4),
+        "generator": gen.spec,
+        "kv_url": kv.store.url,
+        "kv_codec": kv.codec,
+        "kv_blob_bytes_per_question_median": _median([float(b) for b in kv_bytes]),
+        "context_tokens_median": _median([float(c) for c in ctx_tokens]),
+        "kv_index": kv_index,
+        "kv_counters": {k2: v2 for k2, v2 in kv.stats().items() if k2 != "store"},
+    }
+    if len(cfg.variants) == 1:
+        return {**common, **results[cfg.variants[0].name]}
+    return {**common, "variants": results}

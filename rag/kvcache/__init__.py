@@ -1,0 +1,37 @@
+"""Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, tiers)."""
+
+from rag.kvcache.codec import (
+    CODECS,
+    CorruptBlobError,
+    blob_info,
+    decode_kv,
+    dequantize_int8_reference,
+    encode_kv,
+    kv_nbytes,
+)
+from rag.kvcache.store import (
+    FileStore,
+    KVStore,
+    MemoryStore,
+    RedisStore,
+    TieredStore,
+    open_kv_store,
+    redact_url,
+)
+
+__all__ = [
+    "CODECS",
+    "CorruptBlobError",
+    "FileStore",
+    "KVStore",
+    "MemoryStore",
+    "RedisStore",
+    "TieredStore",
+    "blob_info",
+    "decode_kv",
+    "dequantize_int8_reference",
+    "encode_kv",
+    "kv_nbytes",
+    "open_kv_store",
+    "redact_url",
+]

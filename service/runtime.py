@@ -1,0 +1,42 @@
+"""Build the long-lived objects (generator, KV caches, pipeline) from settings, once per process."""
+
+from __future__ import annotations
+
+from encoders.encoder import load_encoder
+from index.collection import Collection
+from rag.generation.generator import Generator
+from rag.kvcache.manager import KVCacheManager
+from rag.kvcache.store import open_kv_store
+from rag.pipeline import RagPipeline
+from service.settings import Settings
+
+
+def open_generator(settings: Settings, spec: str | None = None) -> Generator:
+    return Generator(spec or settings.generator, models_dir=settings.models_dir, device=settings.device)
+
+
+def open_kv(
+    settings: Settings, generator: Generator, *, url: str | None = None, codec: str | None = None
+) -> KVCacheManager:
+    store = open_kv_store(url or settings.kv_store_url)
+    return KVCacheManager(generator, store, codec or settings.kv_codec, batch_tokens=settings.kv_batch_tokens)
+
+
+def open_pipeline(
+    settings: Settings,
+    collection: Collection,
+    *,
+    generator: Generator | None = None,
+    kv: KVCacheManager | None = None,
+) -> RagPipeline:
+    encoder = load_encoder(settings.encoder_config(collection.config.encoder))
+    generator = generator or open_generator(settings)
+    kv = kv or open_kv(settings, generator)
+    return RagPipeline(
+        collection,
+        encoder,
+        generator,
+        kv,
+        ape_temperature=settings.ape_temperature,
+        ape_scale=settings.ape_scale,
+    )
