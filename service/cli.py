@@ -92,7 +92,7 @@ def _precompute_kv(settings, collection, args, *, progress: bool) -> dict:
     """Indexing time: every passage's KV cache after the shared prefix, stored once."""
     from service.runtime import open_generator, open_kv
 
-    generator = open_generator(settings, args.generator)
+    generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         rows = collection.store.passages(collection.store.passage_ids())
@@ -140,7 +140,7 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
     from rag.pipeline import RagAnswer
     from service.runtime import open_generator, open_kv, open_pipeline
 
-    generator = open_generator(settings, args.generator)
+    generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
     if args.ape_temperature is not None:
@@ -220,10 +220,16 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
     t = args.ape_temperature if args.ape_temperature is not None else settings.ape_temperature
     sc = args.ape_scale if args.ape_scale is not None else settings.ape_scale
     variants = [Variant.of(m.strip(), t, sc) for m in args.mode.split(",") if m.strip()]
+    for pair in filter(None, (args.ape_grid or "").split(",")):
+        try:
+            gt, gs = (float(x) for x in pair.split(":"))
+        except ValueError as exc:
+            raise KvragError(f"--ape-grid takes T:S pairs separated by commas, not {pair!r}") from exc
+        variants.append(Variant.of("ape", gt, gs))
     spec = args.encoder or settings.encoder
     encoder = load_encoder(settings.encoder_config(spec))
     collection = open_eval_collection(settings.root, data, encoder, spec, show_progress=progress)
-    generator = open_generator(settings, args.generator)
+    generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
@@ -248,7 +254,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from service.runtime import open_generator, open_kv
 
     settings = get_settings()
-    generator = open_generator(settings, args.generator)
+    generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         result = run_ttft_bench(
@@ -275,12 +281,18 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_args(p: argparse.ArgumentParser) -> None:
+def _generation_args(p: argparse.ArgumentParser, default_prompt: str | None = None) -> None:
     p.add_argument("--generator", help="generator model spec (default from KVRAG_GENERATOR)")
     p.add_argument(
         "--kv-url", help="KV store: memory://, file:///path, redis://host:port/db, memory+redis://..."
     )
     p.add_argument("--kv-codec", choices=["fp16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)")
+    p.add_argument(
+        "--prompt",
+        choices=["chat", "extractive"],
+        default=default_prompt,
+        help="prompt preset (default %(default)s)",
+    )
 
 
 def _ape_args(p: argparse.ArgumentParser) -> None:
@@ -364,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ape",
         help="ape, parallel or sequential; several separated by commas share retrieval",
     )
-    rg.add_argument("--max-tokens", type=int, default=32, help="most answer tokens")
+    rg.add_argument("--max-tokens", type=int, default=16, help="most answer tokens")
     rg.add_argument("--encoder", help="retrieval model spec")
-    _generation_args(rg)
+    _generation_args(rg, "extractive")
+    rg.add_argument(
+        "--ape-grid", help="more APE variants on the same retrieval, e.g. 0.9:1.0,0.8:1.0 (T:S pairs)"
+    )
     _ape_args(rg)
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(func=cmd_eval_rag)

@@ -11,8 +11,13 @@ from rag.pipeline import RagPipeline
 from service.settings import Settings
 
 
-def open_generator(settings: Settings, spec: str | None = None) -> Generator:
-    return Generator(spec or settings.generator, models_dir=settings.models_dir, device=settings.device)
+def open_generator(settings: Settings, spec: str | None = None, prompt: str | None = None) -> Generator:
+    return Generator(
+        spec or settings.generator,
+        models_dir=settings.models_dir,
+        device=settings.device,
+        prompt=prompt or settings.prompt,
+    )
 
 
 def open_kv(

