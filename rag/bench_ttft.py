@@ -66,7 +66,7 @@ def run_ttft_bench(
     q_ids = [generator.question_ids(q) for q in qs]
     # Indexing time (not measured): the prefix and every passage cache are in the store.
     kv.ensure(p_ids)
-    prefix = kv.prefix()
+    kv.prefix()
     store = kv.store
 
     def sequential(q: list[int]) -> float:
@@ -81,8 +81,10 @@ def run_ttft_bench(
 
     def ape(q: list[int]) -> float:
         t0 = time.perf_counter()
-        caches, report = kv.get(p_ids)
-        s = generator.prefill("ape", q, prefix=prefix, passages=caches, temperature=0.9, scale=0.9)
+        joined, report = kv.get_joined(p_ids)
+        s = generator.prefill(
+            "ape", q, joined=(joined.kv, joined.prefix_tokens, joined.lengths), temperature=0.9, scale=0.9
+        )
         int(torch.argmax(s.logits))
         total = (time.perf_counter() - t0) * 1000
         if report.misses or report.corrupt:

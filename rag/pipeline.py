@@ -111,8 +111,7 @@ class RagPipeline:
             session = self.generator.prefill(mode, q_ids, passage_ids=p_ids, max_new_tokens=max_new_tokens)
             fetch_ms = 0.0
         else:
-            prefix = self.kv.prefix()
-            passages, report = self.kv.get(p_ids)
+            joined, report = self.kv.get_joined(p_ids)
             fetch_ms = report.fetch_ms + report.decode_ms + report.compute_ms
             kv_info = {
                 "hits": report.hits,
@@ -126,8 +125,7 @@ class RagPipeline:
             session = self.generator.prefill(
                 mode,
                 q_ids,
-                prefix=prefix,
-                passages=passages,
+                joined=(joined.kv, joined.prefix_tokens, joined.lengths),
                 temperature=self.ape_temperature,
                 scale=self.ape_scale,
                 max_new_tokens=max_new_tokens,

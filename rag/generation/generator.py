@@ -260,6 +260,18 @@ class Generator:
             cache.update(k, v, layer)
         return cache
 
+    def _cache_over(self, keys: torch.Tensor, values: torch.Tensor):
+        """A cache whose layers are views of already joined tensors (layers, kv_heads, tokens, head_dim):
+        no copy before the first new token."""
+        cache = self._new_cache()
+        for layer in range(self.num_layers):
+            k = keys[layer].unsqueeze(0).to(self.device, self.dtype)
+            v = values[layer].unsqueeze(0).to(self.device, self.dtype)
+            cl = cache.layers[layer]
+            cl.lazy_initialization(k, v)
+            cl.keys, cl.values = k, v
+        return cache
+
     @staticmethod
     def _truncate(cache, length: int) -> None:
         for layer in cache.layers:
@@ -369,11 +381,15 @@ class Generator:
         passage_ids: Sequence[Sequence[int]] = (),
         prefix: KV | None = None,
         passages: Sequence[KV] | None = None,
+        joined: tuple[KV, int, Sequence[int]] | None = None,
         temperature: float | Sequence[float] = 0.9,
         scale: float | Sequence[float] = 0.9,
         max_new_tokens: int = 0,
     ) -> Session:
-        """Prefill the question (and, in sequential mode, everything before it)."""
+        """Prefill the question (and, in sequential mode, everything before it).
+
+        The cached modes take the prefix and passage caches either as `prefix` + `passages`, or already
+        joined as `joined=(kv, prefix_tokens, passage_lengths)`; missing ones are computed."""
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if not question_ids:
@@ -390,14 +406,20 @@ class Generator:
                 cache, logits[0, -1].float(), len(ids), None, mode, len(ids) - len(question_ids), 0.0
             )
         else:
-            prefix = prefix if prefix is not None else self.encode_prefix()
-            if passages is None:
-                passages = self.encode_passages(passage_ids, prefix) if passage_ids else []
-            p_len = prefix.tokens
-            ctx = sum(p.tokens for p in passages)
-            start = p_len + max((p.tokens for p in passages), default=0)
+            if joined is not None:
+                kv, p_len, lengths = joined
+                ctx = sum(lengths)
+                start = p_len + max(lengths, default=0)
+                cache = self._cache_over(kv.keys, kv.values)
+            else:
+                prefix = prefix if prefix is not None else self.encode_prefix()
+                if passages is None:
+                    passages = self.encode_passages(passage_ids, prefix) if passage_ids else []
+                p_len = prefix.tokens
+                ctx = sum(p.tokens for p in passages)
+                start = p_len + max((p.tokens for p in passages), default=0)
+                cache = self._cache_from([prefix, *passages])
             self._check_length(start + len(question_ids) + max_new_tokens)
-            cache = self._cache_from([prefix, *passages])
             t, s = (1.0, 1.0) if mode == "parallel" else (temperature, scale)
             ape = ApeSpec(p_len, p_len + ctx, t, s)
             logits = self._forward(q, self._positions(start, q.shape[1]), cache, ape)

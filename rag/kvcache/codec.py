@@ -285,8 +285,12 @@ def decode_kv(
     *,
     expect_digest: str | None = None,
     dtype: torch.dtype = torch.float32,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values, each a new contiguous (layers, kv_heads, tokens, head_dim) tensor in `dtype`.
+
+    With `out=(keys, values)` (tensors of that shape, possibly strided views into a larger cache) the
+    data is written there instead, with no intermediate tensor, and `out` is returned.
 
     Raises CorruptBlobError for any malformed blob, a CRC mismatch, or (when `expect_digest` is given)
     a digest that differs from the one stored.
@@ -304,6 +308,8 @@ def decode_kv(
 
     shape = (header["layers"], header["kv_heads"], header["tokens"], header["head_dim"])
     layers, kv_heads, tokens, head_dim = shape
+    if out is not None and (tuple(out[0].shape) != shape or tuple(out[1].shape) != shape):
+        raise CorruptBlobError(f"KV blob has shape {shape}, the destination {tuple(out[0].shape)}")
     n = layers * kv_heads * tokens * head_dim
     codec = header["codec"]
     if codec in ("fp32", "fp16"):
@@ -311,6 +317,10 @@ def decode_kv(
         item = 4 if codec == "fp32" else 2
         k = _section(mv, start, n, src, np_dtype).view(shape)
         v = _section(mv, start + n * item, n, src, np_dtype).view(shape)
+        if out is not None:
+            out[0].copy_(k)
+            out[1].copy_(v)
+            return out
         return k.to(dtype, copy=True), v.to(dtype, copy=True)
 
     off = start
@@ -323,4 +333,9 @@ def decode_kv(
     off += 4 * nk
     vscale = _section(mv, off, nv, torch.float16, "<f2").view(layers, kv_heads, tokens)
     vmin = _section(mv, off + 2 * nv, nv, torch.float16, "<f2").view(layers, kv_heads, tokens)
-    return dequantize_int8_reference(kq, kscale, kmin, vq, vscale, vmin, dtype)
+    keys, values = dequantize_int8_reference(kq, kscale, kmin, vq, vscale, vmin, dtype)
+    if out is not None:
+        out[0].copy_(keys)
+        out[1].copy_(values)
+        return out
+    return keys, values

@@ -31,6 +31,15 @@ class FetchReport:
     bytes: int = 0
 
 
+@dataclass
+class JoinedKV:
+    """The prefix and k passages in one cache-layout tensor pair (layers, kv_heads, tokens, head_dim)."""
+
+    kv: KV
+    prefix_tokens: int
+    lengths: list[int]
+
+
 class KVCacheManager:
     """Joins a generator, a KV store and a codec."""
 
@@ -132,6 +141,72 @@ class KVCacheManager:
             written=len(todo),
         )
         return out, report  # type: ignore[return-value]
+
+    def get_joined(self, passages: Sequence[Sequence[int]]) -> tuple[JoinedKV, FetchReport]:
+        """Like `get`, but decodes every blob straight into one preallocated cache (prefix first, then
+        the passages in order): no per-passage tensors and no concatenation at query time."""
+        if any(len(p) == 0 for p in passages):
+            raise InvalidInputError("a passage has no tokens")
+        import torch
+
+        g = self.generator
+        report = FetchReport()
+        prefix = self.prefix()
+        lengths = [len(p) for p in passages]
+        total = prefix.tokens + sum(lengths)
+        shape = (g.num_layers, g.num_kv_heads, total, g.head_dim)
+        keys_t = torch.empty(shape, dtype=g.dtype)
+        values_t = torch.empty(shape, dtype=g.dtype)
+        keys_t[:, :, : prefix.tokens] = prefix.keys
+        values_t[:, :, : prefix.tokens] = prefix.values
+        spans, pos = [], prefix.tokens
+        for n in lengths:
+            spans.append((pos, pos + n))
+            pos += n
+        keys = [self.key(p) for p in passages]
+        t0 = time.perf_counter()
+        blobs = self.store.get_many([k.key for k in keys]) if keys else []
+        t_dec = time.perf_counter()
+        report.fetch_ms = (t_dec - t0) * 1000
+        todo: list[int] = []
+        for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
+            if blob is None:
+                todo.append(i)
+                continue
+            a, b = spans[i]
+            try:
+                decode_kv(blob, expect_digest=key.digest, out=(keys_t[:, :, a:b], values_t[:, :, a:b]))
+                report.bytes += len(blob)
+            except CorruptBlobError as exc:
+                log.warning("passage KV blob %s is corrupt (%s); recomputing", key.key, exc)
+                report.corrupt += 1
+                todo.append(i)
+        report.decode_ms = (time.perf_counter() - t_dec) * 1000
+        report.hits = len(keys) - len(todo)
+        report.misses = len(todo) - report.corrupt
+        unique: dict[str, int] = {}
+        for i in todo:
+            unique.setdefault(keys[i].key, i)
+        if todo:
+            t1 = time.perf_counter()
+            first = list(unique.values())
+            computed = g.encode_passages([passages[i] for i in first], prefix, batch_tokens=self.batch_tokens)
+            by_key = {keys[i].key: kv for i, kv in zip(first, computed, strict=True)}
+            self.store.put_many({keys[i].key: self._encode(keys[i], by_key[keys[i].key]) for i in first})
+            for i in todo:
+                a, b = spans[i]
+                kv = by_key[keys[i].key]
+                keys_t[:, :, a:b] = kv.keys
+                values_t[:, :, a:b] = kv.values
+            report.compute_ms = (time.perf_counter() - t1) * 1000
+        self._count(
+            hits=report.hits,
+            misses=report.misses,
+            corrupt=report.corrupt,
+            recomputed=len(unique),
+            written=len(unique),
+        )
+        return JoinedKV(KV(keys_t, values_t), prefix.tokens, lengths), report
 
     def ensure(self, passages: Sequence[Sequence[int]], *, progress: bool = False, chunk: int = 256) -> dict:
         """Indexing time: compute and store the caches of passages not yet in the store.

@@ -531,3 +531,48 @@ def test_redis_going_down_degrades_to_recompute(tiny_generator, private_redis) -
         assert out["kv_computed"] == len(passages)  # nothing known to be stored: all recomputed, no raise
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------------------------------ get_joined
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_get_joined_equals_prefix_plus_get(tiny_generator, store: KVStore, codec: str) -> None:
+    """Decoding straight into one joined cache gives exactly the prefix and `get`'s caches, in order,
+    both on a cold store (recomputed) and a warm one (decoded), with a corrupt blob among them."""
+    mgr = KVCacheManager(tiny_generator, store, codec)
+    passages = passages_of(tiny_generator)
+    request = [passages[2], passages[0], passages[2], passages[1]]
+    cold, report = mgr.get_joined(request)
+    assert report.hits == 0 and report.misses == 4
+    mgr.key(passages[0])
+    overwrite(store, mgr.key(passages[0]).key, _flip_payload_byte(stored(store, mgr.key(passages[0]).key)))
+    warm, report = mgr.get_joined(request)
+    assert report.corrupt == 1 and report.hits == 3
+    prefix = mgr.prefix()
+    caches, _ = mgr.get(request)
+    for joined in (cold, warm):
+        assert joined.prefix_tokens == prefix.tokens and joined.lengths == [len(p) for p in request]
+        assert torch.equal(joined.kv.keys[:, :, : prefix.tokens], prefix.keys)
+        pos = prefix.tokens
+        for kv in caches:
+            part = KV(
+                joined.kv.keys[:, :, pos : pos + kv.tokens], joined.kv.values[:, :, pos : pos + kv.tokens]
+            )
+            # int8: a recomputed cache is exact, a decoded one carries the quantisation error
+            assert_close(part, kv, atol=1e-5 if codec == "fp32" else 0.1)
+            pos += kv.tokens
+        assert pos == joined.kv.keys.shape[2]
+
+
+def test_prefill_from_joined_equals_prefill_from_pieces(tiny_generator) -> None:
+    mgr = KVCacheManager(tiny_generator, MemoryStore(64 << 20), "fp32")
+    passages = passages_of(tiny_generator)
+    q = tiny_generator.question_ids("where do the boats come in?")
+    joined, _ = mgr.get_joined(passages)
+    caches, _ = mgr.get(passages)
+    for mode in ("parallel", "ape"):
+        a = tiny_generator.prefill(mode, q, joined=(joined.kv, joined.prefix_tokens, joined.lengths))
+        b = tiny_generator.prefill(mode, q, prefix=mgr.prefix(), passages=caches)
+        assert (a.logits - b.logits).abs().max().item() <= 1e-5
+        assert a.next_position == b.next_position and a.ape == b.ape
