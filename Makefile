@@ -34,8 +34,8 @@ run: models  ## index the sample corpus (embeddings + passage KV caches), search
 	$(KVRAG) query --collection sample --k 3 --search-only "How do volcanoes form?"
 	@echo; echo "--- code search"
 	$(KVRAG) query --collection sample --k 3 --search-only --filter '{"kind": "code"}' "evict the least recently used entry"
-	@echo; echo "--- an answer from cached passage KV joined by APE, streamed"
-	$(KVRAG) query --collection sample --k 3 --stream "How do volcanoes form?"
+	@echo; echo "--- an answer from the passages' cached KV joined by APE, streamed"
+	$(KVRAG) query --collection sample --k 3 --max-tokens 48 --stream "What does a plant need for photosynthesis?"
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q

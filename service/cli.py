@@ -148,7 +148,11 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
     if args.ape_scale is not None:
         pipeline.ape_scale = args.ape_scale
     sampling = SamplingParams(
-        max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
     )
     stream = args.stream and not args.json
     answer = None
@@ -342,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     q.add_argument("--top-p", type=float, default=1.0)
     q.add_argument("--seed", type=int)
+    q.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default %(default)s)")
     _generation_args(q)
     _ape_args(q)
     q.add_argument("--json", action="store_true")

@@ -89,6 +89,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already generated (CTRL-style)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -97,6 +98,8 @@ class SamplingParams:
             raise InvalidInputError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise InvalidInputError("top_p must be in (0, 1]")
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            raise InvalidInputError("repetition_penalty must be in [1, 10]")
 
 
 @dataclass
@@ -448,7 +451,16 @@ class Generator:
         rest = logp[torch.arange(len(answer_ids) - 1), torch.tensor(list(answer_ids[1:]))]
         return [first, *rest.tolist()]
 
-    def _pick(self, logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> int:
+    def _pick(
+        self, logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None, seen: Sequence[int] = ()
+    ) -> int:
+        if sp.repetition_penalty != 1.0 and seen:
+            logits = logits.clone()
+            idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+            picked = logits[idx]
+            logits[idx] = torch.where(
+                picked > 0, picked / sp.repetition_penalty, picked * sp.repetition_penalty
+            )
         if sp.temperature == 0:
             return int(torch.argmax(logits).item())
         probs = torch.softmax(logits.float() / sp.temperature, -1)
@@ -479,7 +491,7 @@ class Generator:
         finish = "length"
         forwards = 0
         for step in range(sp.max_new_tokens):
-            tok = self._pick(logits, sp, gen)
+            tok = self._pick(logits, sp, gen, ids)
             if tok in self.stop_ids:
                 finish = "stop"
                 break

@@ -337,3 +337,17 @@ def test_reference_edge_cases():
             scale=1,
             scaling=1,
         )
+
+
+def test_repetition_penalty_demotes_seen_tokens(tiny_generator):
+    from rag.generation.generator import SamplingParams
+
+    logits = torch.tensor([3.0, 2.9, -1.0, 0.5])
+    plain = SamplingParams(max_new_tokens=1)
+    penal = SamplingParams(max_new_tokens=1, repetition_penalty=1.5)
+    assert tiny_generator._pick(logits, plain, None, [0]) == 0
+    assert tiny_generator._pick(logits, penal, None, [0]) == 1  # 3.0 / 1.5 < 2.9
+    assert tiny_generator._pick(logits, penal, None, []) == 0
+    assert logits[0] == 3.0  # the caller's logits are not modified
+    with pytest.raises(InvalidInputError):
+        SamplingParams(repetition_penalty=0.5)
