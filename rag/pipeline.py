@@ -68,6 +68,7 @@ class RagPipeline:
         *,
         ape_temperature: float | Sequence[float] = 0.9,
         ape_scale: float | Sequence[float] = 0.9,
+        ape_positions: str = "shared",
     ):
         self.collection = collection
         self.encoder = encoder
@@ -75,6 +76,7 @@ class RagPipeline:
         self.kv = kv
         self.ape_temperature = ape_temperature
         self.ape_scale = ape_scale
+        self.ape_positions = ape_positions
 
     def retrieve(
         self, question: str, k: int, *, filter: dict | None = None, hybrid: bool = False
@@ -129,6 +131,7 @@ class RagPipeline:
                 temperature=self.ape_temperature,
                 scale=self.ape_scale,
                 max_new_tokens=max_new_tokens,
+                positions=self.ape_positions,
             )
         timings = {
             "retrieval_ms": (t1 - t0) * 1000,

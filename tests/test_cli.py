@@ -73,7 +73,9 @@ def test_index_then_query(home, src, tiny_model_dir, capsys):
     assert report["skipped_files"] == [f"{src.resolve() / 'skip.bin'} (unsupported type)"]
     assert (home / "collections" / "t" / "passages.sqlite").exists()
 
-    out = run_json(capsys, ["query", "--search-only", "--collection", "t", "--k", "2", "--json", "roses in the garden"])
+    out = run_json(
+        capsys, ["query", "--search-only", "--collection", "t", "--k", "2", "--json", "roses in the garden"]
+    )
     assert out["query"] == "roses in the garden" and out["collection"] == "t"
     assert len(out["hits"]) == 2
     sources = {str(src.resolve() / n) for n in DOCS}
@@ -102,11 +104,25 @@ def test_index_then_query(home, src, tiny_model_dir, capsys):
     ]
 
     out = run_json(
-        capsys, ["query", "--search-only", "--collection", "t", "--k", "5", "--json", "--filter", '{"lang": "de"}', "Rosen"]
+        capsys,
+        [
+            "query",
+            "--search-only",
+            "--collection",
+            "t",
+            "--k",
+            "5",
+            "--json",
+            "--filter",
+            '{"lang": "de"}',
+            "Rosen",
+        ],
     )
     assert [h["doc_id"] for h in out["hits"]] == [str(src.resolve() / "de.md")]
 
-    out = run_json(capsys, ["query", "--search-only", "--collection", "t", "--k", "3", "--json", "--hybrid", "Bienen"])
+    out = run_json(
+        capsys, ["query", "--search-only", "--collection", "t", "--k", "3", "--json", "--hybrid", "Bienen"]
+    )
     assert out["hits"][0]["doc_id"] == str(src.resolve() / "de.md")
 
     # a second run is a no-op
@@ -120,7 +136,10 @@ def test_text_output_and_prune(home, src, tiny_model_dir, capsys):
     assert out.startswith("t: 3 added, 0 replaced, 0 unchanged, 0 pruned; 3 documents, 3 passages")
     assert f"skipped {src.resolve() / 'skip.bin'} (unsupported type)" in out
 
-    assert main(["query", "--search-only", "--collection", "t", "--k", "1", "def add(a, b):\n    return a + b"]) == 0
+    assert (
+        main(["query", "--search-only", "--collection", "t", "--k", "1", "def add(a, b):\n    return a + b"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "query: def add(a, b):\n    return a + b".splitlines()[0]
     assert any(" 1. [" in line and "util :: def add (python, code)" in line for line in lines)
@@ -151,12 +170,28 @@ def test_invalid_collection_name(home, capsys):
 
 def test_bad_filter_json(home, src, tiny_model_dir, capsys):
     run_json(capsys, index_argv(tiny_model_dir, src))
-    assert main(["query", "--search-only", "--collection", "t", "--json", "--filter", "{lang: de", "roses"]) == 2
+    assert (
+        main(["query", "--search-only", "--collection", "t", "--json", "--filter", "{lang: de", "roses"]) == 2
+    )
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "error: --filter is not valid JSON" in captured.err
     # valid JSON that is not a usable filter
-    assert main(["query", "--search-only", "--collection", "t", "--json", "--filter", '{"lang": {"x": 1}}', "roses"]) == 2
+    assert (
+        main(
+            [
+                "query",
+                "--search-only",
+                "--collection",
+                "t",
+                "--json",
+                "--filter",
+                '{"lang": {"x": 1}}',
+                "roses",
+            ]
+        )
+        == 2
+    )
     assert "error: filter value for 'lang'" in capsys.readouterr().err
     assert main(["query", "--search-only", "--collection", "t", "--json", "--filter", "[1]", "roses"]) == 2
     assert "error: a filter is a non-empty JSON object" in capsys.readouterr().err

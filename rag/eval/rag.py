@@ -32,6 +32,7 @@ class Variant:
     mode: str
     temperature: float | Sequence[float] = 1.0
     scale: float | Sequence[float] = 1.0
+    positions: str = "shared"  # or "distinct": passages re-rotated to follow each other
 
     @classmethod
     def of(cls, mode: str, temperature: float, scale: float) -> Variant:
@@ -116,6 +117,7 @@ def run_rag_eval(
         gold_ids = gen._encode(q.answers[0])
         for v in cfg.variants:
             pipeline.ape_temperature, pipeline.ape_scale = v.temperature, v.scale
+            pipeline.ape_positions = v.positions
             t_p = time.perf_counter()
             prep = pipeline.prepare(q.question, mode=v.mode, hits=hits, max_new_tokens=cfg.max_new_tokens)
             logps = gen.answer_logprobs(prep.session, gold_ids)
@@ -149,6 +151,7 @@ def run_rag_eval(
             "mode": v.mode,
             "temperature": v.temperature,
             "scale": v.scale,
+            "positions": v.positions,
             "em": round(sum(m["em"]) / n, 4),
             "f1": round(sum(m["f1"]) / n, 4),
             "gold_logprob": round(sum(m["gold_logprob"]) / n, 4),

@@ -275,6 +275,21 @@ class Generator:
             cl.keys, cl.values = k, v
         return cache
 
+    def shift_keys(self, keys: torch.Tensor, offset: int) -> torch.Tensor:
+        """Move cached keys (..., tokens, head_dim), stored after RoPE, `offset` positions later: RoPE
+        is a rotation, so this is one more rotation by offset * frequency (default rotary layout:
+        halves, as `rotate_half`)."""
+        rotary = getattr(self.model.model, "rotary_emb", None)
+        if rotary is None or getattr(rotary, "rope_type", "default") != "default":
+            raise InvalidInputError("shifting cached keys needs a model with default rotary embeddings")
+        ang = offset * rotary.inv_freq.to(keys.device, torch.float64)
+        cos = torch.cat([ang.cos(), ang.cos()]).to(torch.float32)
+        sin = torch.cat([ang.sin(), ang.sin()]).to(torch.float32)
+        half = keys.shape[-1] // 2
+        k = keys.float()
+        rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+        return (k * cos + rotated * sin).to(keys.dtype)
+
     @staticmethod
     def _truncate(cache, length: int) -> None:
         for layer in cache.layers:
@@ -388,11 +403,18 @@ class Generator:
         temperature: float | Sequence[float] = 0.9,
         scale: float | Sequence[float] = 0.9,
         max_new_tokens: int = 0,
+        positions: str = "shared",
     ) -> Session:
         """Prefill the question (and, in sequential mode, everything before it).
 
         The cached modes take the prefix and passage caches either as `prefix` + `passages`, or already
-        joined as `joined=(kv, prefix_tokens, passage_lengths)`; missing ones are computed."""
+        joined as `joined=(kv, prefix_tokens, passage_lengths)`; missing ones are computed.
+
+        `positions="shared"` (APE) puts every passage at P..P+L-1 and the question at P + max L;
+        `"distinct"` re-rotates each passage's cached keys so the passages follow each other as in a
+        sequential prompt (question at P + sum L), still encoded independently."""
+        if positions not in ("shared", "distinct"):
+            raise InvalidInputError("positions must be 'shared' or 'distinct'")
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if not question_ids:
@@ -409,19 +431,26 @@ class Generator:
                 cache, logits[0, -1].float(), len(ids), None, mode, len(ids) - len(question_ids), 0.0
             )
         else:
-            if joined is not None:
-                kv, p_len, lengths = joined
-                ctx = sum(lengths)
-                start = p_len + max(lengths, default=0)
-                cache = self._cache_over(kv.keys, kv.values)
-            else:
+            if joined is None:
                 prefix = prefix if prefix is not None else self.encode_prefix()
                 if passages is None:
                     passages = self.encode_passages(passage_ids, prefix) if passage_ids else []
-                p_len = prefix.tokens
-                ctx = sum(p.tokens for p in passages)
-                start = p_len + max((p.tokens for p in passages), default=0)
-                cache = self._cache_from([prefix, *passages])
+                lengths = [p.tokens for p in passages]
+                joined_keys = torch.cat([prefix.keys, *(p.keys for p in passages)], dim=2)
+                joined_values = torch.cat([prefix.values, *(p.values for p in passages)], dim=2)
+                joined = (KV(joined_keys, joined_values), prefix.tokens, lengths)
+            kv, p_len, lengths = joined
+            ctx = sum(lengths)
+            start = p_len + max(lengths, default=0)
+            keys = kv.keys
+            if positions == "distinct" and len(lengths) > 1:
+                keys = keys.clone()
+                pos = p_len + lengths[0]
+                for n in lengths[1:]:
+                    keys[:, :, pos : pos + n] = self.shift_keys(keys[:, :, pos : pos + n], pos - p_len)
+                    pos += n
+                start = p_len + ctx
+            cache = self._cache_over(keys, kv.values)
             self._check_length(start + len(question_ids) + max_new_tokens)
             t, s = (1.0, 1.0) if mode == "parallel" else (temperature, scale)
             ape = ApeSpec(p_len, p_len + ctx, t, s)

@@ -351,3 +351,37 @@ def test_repetition_penalty_demotes_seen_tokens(tiny_generator):
     assert logits[0] == 3.0  # the caller's logits are not modified
     with pytest.raises(InvalidInputError):
         SamplingParams(repetition_penalty=0.5)
+
+
+def test_shift_keys_equals_rotary_at_the_later_position(tiny_generator):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = tiny_generator
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(1, gen.num_kv_heads, 7, gen.head_dim, generator=g)
+    rotary = gen.model.model.rotary_emb
+
+    def rope(start):
+        pos = torch.arange(start, start + 7).unsqueeze(0)
+        cos, sin = rotary(raw, pos)
+        return apply_rotary_pos_emb(raw, raw, cos, sin)[1]
+
+    shifted = gen.shift_keys(rope(11), 23)
+    assert torch.allclose(shifted, rope(34), atol=1e-5)
+    assert not torch.allclose(rope(11), rope(34), atol=1e-2)
+
+
+def test_distinct_positions_place_the_question_after_all_passages(tiny_generator):
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    shared = gen.prefill("parallel", q, passage_ids=passages)
+    distinct = gen.prefill("parallel", q, passage_ids=passages, positions="distinct")
+    p_len = len(gen.prefix_ids)
+    assert shared.next_position == p_len + max(map(len, passages)) + len(q)
+    assert distinct.next_position == p_len + sum(map(len, passages)) + len(q)
+    assert (shared.logits - distinct.logits).abs().max().item() > 1e-3
+    one = gen.prefill("parallel", q, passage_ids=passages[:1], positions="distinct")
+    seq = gen.prefill("sequential", q, passage_ids=passages[:1])
+    assert (one.logits - seq.logits).abs().max().item() <= 1e-4
+    with pytest.raises(InvalidInputError):
+        gen.prefill("ape", q, passage_ids=passages, positions="sideways")
