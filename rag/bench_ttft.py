@@ -83,7 +83,7 @@ def run_ttft_bench(
         t0 = time.perf_counter()
         joined, report = kv.get_joined(p_ids)
         s = generator.prefill(
-            "ape", q, joined=(joined.kv, joined.prefix_tokens, joined.lengths), temperature=0.9, scale=0.9
+            "ape", q, joined=(joined.kv, joined.prefix_tokens, joined.lengths), temperature=0.9, scale=1.0
         )
         int(torch.argmax(s.logits))
         total = (time.perf_counter() - t0) * 1000

@@ -67,7 +67,7 @@ class RagPipeline:
         kv: KVCacheManager,
         *,
         ape_temperature: float | Sequence[float] = 0.9,
-        ape_scale: float | Sequence[float] = 0.9,
+        ape_scale: float | Sequence[float] = 1.0,
         ape_positions: str = "shared",
     ):
         self.collection = collection

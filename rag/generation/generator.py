@@ -401,7 +401,7 @@ class Generator:
         passages: Sequence[KV] | None = None,
         joined: tuple[KV, int, Sequence[int]] | None = None,
         temperature: float | Sequence[float] = 0.9,
-        scale: float | Sequence[float] = 0.9,
+        scale: float | Sequence[float] = 1.0,
         max_new_tokens: int = 0,
         positions: str = "shared",
     ) -> Session:
