@@ -290,7 +290,7 @@ def _generation_args(p: argparse.ArgumentParser, default_prompt: str | None = No
     p.add_argument(
         "--kv-url", help="KV store: memory://, file:///path, redis://host:port/db, memory+redis://..."
     )
-    p.add_argument("--kv-codec", choices=["fp16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)")
+    p.add_argument("--kv-codec", choices=["fp16", "bf16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)")
     p.add_argument(
         "--prompt",
         choices=["chat", "extractive"],

@@ -563,6 +563,34 @@ class Generator:
         }
         yield TokenEvent("", None, finish, stats)
 
+    def answer(
+        self,
+        question: str,
+        passages: Sequence[str | tuple[str | None, str]],
+        *,
+        mode: str = "ape",
+        stream: bool = False,
+        sampling: SamplingParams | None = None,
+        temperature: float | Sequence[float] = 0.9,
+        scale: float | Sequence[float] = 1.0,
+    ) -> str | Iterator[TokenEvent]:
+        """Answer from passages given as text or (title, text), computing their caches here (the RAG
+        pipeline fetches stored ones instead). Returns the text, or the token events with `stream`."""
+        pieces = [(None, p) if isinstance(p, str) else p for p in passages]
+        ids = [self.passage_ids(text, title) for title, text in pieces]
+        sp = sampling or SamplingParams()
+        session = self.prefill(
+            mode,
+            self.question_ids(question),
+            passage_ids=ids,
+            temperature=temperature,
+            scale=scale,
+            max_new_tokens=sp.max_new_tokens,
+        )
+        if stream:
+            return self.stream(session, sp)
+        return self.generate(session, sp)[0]
+
     def generate(self, session: Session, sampling: SamplingParams | None = None) -> tuple[str, dict]:
         """Decode to the end; returns the text and the stats of the last event."""
         for event in self.stream(session, sampling):

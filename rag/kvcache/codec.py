@@ -10,7 +10,7 @@ It is padded with spaces so the payload starts on a 64-byte boundary of the blob
 
 Payloads:
 
-- ``fp32`` / ``fp16``: keys then values, raw, shape (L, H, T, D).
+- ``fp32`` / ``fp16`` / ``bf16``: keys then values, raw, shape (L, H, T, D) (bf16 as its 16-bit patterns).
 - ``int8``: asymmetric uint8 min/max quantisation. Keys per channel (over the tokens of each layer,
   kv head and head_dim channel), values per token (over head_dim). Order: key codes (L, H, T, D) u8,
   value codes (L, H, T, D) u8, key scale (L, H, D) f16, key min (L, H, D) f16, value scale (L, H, T)
@@ -35,7 +35,7 @@ from encoders.errors import InvalidInputError, KvragError
 
 MAGIC = b"KVRC"
 FORMAT_VERSION = 1
-CODECS = ("fp32", "fp16", "int8")
+CODECS = ("fp32", "fp16", "bf16", "int8")
 
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 _ALIGN = 64
@@ -66,7 +66,7 @@ def kv_nbytes(layers: int, kv_heads: int, tokens: int, head_dim: int, codec: str
     n = layers * kv_heads * tokens * head_dim
     if codec == "fp32":
         return 2 * n * 4
-    if codec == "fp16":
+    if codec in ("fp16", "bf16"):
         return 2 * n * 2
     if codec == "int8":
         return 2 * n + 2 * 2 * layers * kv_heads * head_dim + 2 * 2 * layers * kv_heads * tokens
@@ -162,6 +162,11 @@ def encode_kv(keys: torch.Tensor, values: torch.Tensor, *, codec: str, digest: s
 
     if codec == "fp32":
         parts = [_le_buffer(keys.float(), "<f4"), _le_buffer(values.float(), "<f4")]
+    elif codec == "bf16":
+        for name, t in (("keys", keys), ("values", values)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise InvalidInputError(f"{name} hold non-finite values; codec 'bf16' cannot store them")
+        parts = [_le_buffer(t.bfloat16().view(torch.int16), "<i2") for t in (keys, values)]
     else:
         for name, t in (("keys", keys), ("values", values)):
             if t.numel() and not bool(t.abs().amax() <= _FP16_MAX):
@@ -312,11 +317,17 @@ def decode_kv(
         raise CorruptBlobError(f"KV blob has shape {shape}, the destination {tuple(out[0].shape)}")
     n = layers * kv_heads * tokens * head_dim
     codec = header["codec"]
-    if codec in ("fp32", "fp16"):
-        src, np_dtype = (torch.float32, "<f4") if codec == "fp32" else (torch.float16, "<f2")
+    if codec in ("fp32", "fp16", "bf16"):
+        src, np_dtype = {
+            "fp32": (torch.float32, "<f4"),
+            "fp16": (torch.float16, "<f2"),
+            "bf16": (torch.int16, "<i2"),
+        }[codec]
         item = 4 if codec == "fp32" else 2
         k = _section(mv, start, n, src, np_dtype).view(shape)
         v = _section(mv, start + n * item, n, src, np_dtype).view(shape)
+        if codec == "bf16":
+            k, v = k.view(torch.bfloat16), v.view(torch.bfloat16)
         if out is not None:
             out[0].copy_(k)
             out[1].copy_(v)

@@ -120,6 +120,10 @@ class KVStore(ABC):
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove the keys; return how many were present."""
 
+    def delete(self, keys: Sequence[str]) -> int:
+        """Alias of `delete_many`."""
+        return self.delete_many(keys)
+
     @abstractmethod
     def ping(self) -> bool:
         """Whether the backend is reachable and healthy."""

@@ -385,3 +385,19 @@ def test_distinct_positions_place_the_question_after_all_passages(tiny_generator
     assert (one.logits - seq.logits).abs().max().item() <= 1e-4
     with pytest.raises(InvalidInputError):
         gen.prefill("ape", q, passage_ids=passages, positions="sideways")
+
+
+def test_answer_convenience_matches_the_explicit_steps(tiny_generator):
+    from rag.generation.generator import SamplingParams
+
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    sp = SamplingParams(max_new_tokens=6)
+    for mode in ("sequential", "parallel", "ape"):
+        explicit = gen.generate(gen.prefill(mode, q, passage_ids=passages, temperature=0.9, scale=1.0), sp)[0]
+        assert gen.answer(QUESTION, [(t, x) for t, x in PASSAGES], mode=mode, sampling=sp) == explicit
+        streamed = "".join(
+            e.text for e in gen.answer(QUESTION, PASSAGES, mode=mode, sampling=sp, stream=True)
+        )
+        assert streamed == explicit
+    assert isinstance(gen.answer(QUESTION, ["plain text passage"], sampling=sp), str)

@@ -87,6 +87,8 @@ def test_round_trip_shapes(codec: str, shape: tuple[int, ...]) -> None:
     elif codec == "fp16":
         assert torch.equal(k2, k.half().float()) and torch.equal(v2, v.half().float())
         torch.testing.assert_close(k2, k, atol=2e-3, rtol=1e-3)
+    elif codec == "bf16":
+        assert torch.equal(k2, k.bfloat16().float()) and torch.equal(v2, v.bfloat16().float())
     else:
         if shape[2]:
             k_range = k.amax(dim=2) - k.amin(dim=2)  # (L, H, D)
@@ -361,3 +363,23 @@ def test_decode_is_fast() -> None:
         decode_kv(blob)
         times.append(time.perf_counter() - t0)
     assert sorted(times)[3] < 0.025, times  # a few ms on a laptop; generous for loaded CI machines
+
+
+def test_bf16_round_trip_is_exact_in_bfloat16() -> None:
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(30, 3, 9, 64, generator=g) * 50
+    v = torch.randn(30, 3, 9, 64, generator=g)
+    blob = encode_kv(k, v, codec="bf16", digest="d")
+    kk, vv = decode_kv(blob, expect_digest="d")
+    assert torch.equal(kk, k.bfloat16().float()) and torch.equal(vv, v.bfloat16().float())
+    assert decode_kv(blob, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    assert len(blob) - blob_info(blob)["payload_len"] < 512
+    assert (
+        blob_info(blob)["payload_len"] == kv_nbytes(30, 3, 9, 64, "bf16") == kv_nbytes(30, 3, 9, 64, "fp16")
+    )
+    flipped = bytearray(blob)
+    flipped[-5] ^= 0x10
+    with pytest.raises(CorruptBlobError):
+        decode_kv(bytes(flipped))
+    with pytest.raises(InvalidInputError):
+        encode_kv(k * float("inf"), v, codec="bf16")
