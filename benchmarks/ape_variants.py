@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/ape_variants.py --data ../shared/data/xquad/xquad.en.json \\
         --offset 0 --limit 200 --json
 
-Variants: passages at distinct positions (cached keys re-rotated so the passages follow each other,
+Variants (the sequential baseline and plain APE run beside them on the same questions): passages at
+distinct positions (cached keys re-rotated so the passages follow each other,
 question at P + sum L) with and without APE's T and S, and per-layer settings that keep the first
 layers exact (T = S = 1) and apply T and S above. Prints one JSON object (see `kvrag eval rag`).
 """
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=1.0)
     ap.add_argument("--exact-layers", type=int, default=2, help="first layers kept at T = S = 1")
-    ap.add_argument("--variants", default="distinct,parallel-distinct,per-layer")
+    ap.add_argument("--variants", default="sequential,ape,distinct,parallel-distinct,per-layer")
     ap.add_argument("--kv-url", default="memory://?max_bytes=4G")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     n = generator.num_layers
     e = args.exact_layers
     catalogue = {
+        "sequential": Variant("sequential", "sequential"),
+        "ape": Variant(f"ape(T={args.t},S={args.s})", "ape", args.t, args.s),
         "distinct": Variant(f"ape(T={args.t},S={args.s},distinct)", "ape", args.t, args.s, "distinct"),
         "parallel-distinct": Variant("parallel(distinct)", "parallel", 1.0, 1.0, "distinct"),
         "per-layer": Variant(
