@@ -174,11 +174,18 @@ class Generator:
         path = resolve_model(spec, models_dir or Path.home() / ".local/share/kvrag/models")
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a local load takes a second; its bar is noise
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl)
         except OSError as exc:
             raise ModelNotFoundError(f"cannot load generator {spec!r}: {exc}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.model.to(self.device).eval()
         self.path = path
         cfg = self.model.config
