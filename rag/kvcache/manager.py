@@ -97,50 +97,14 @@ class KVCacheManager:
     def get(self, passages: Sequence[Sequence[int]]) -> tuple[list[KV], FetchReport]:
         """Caches of the given passages (token ids), in order: one store round trip for all of them;
         anything missing or corrupt is recomputed in one batch and written back."""
-        if any(len(p) == 0 for p in passages):
-            raise InvalidInputError("a passage has no tokens")
-        report = FetchReport()
-        prefix = self.prefix()
-        keys = [self.key(p) for p in passages]
-        t0 = time.perf_counter()
-        blobs = self.store.get_many([k.key for k in keys]) if keys else []
-        t_dec = time.perf_counter()
-        report.fetch_ms = (t_dec - t0) * 1000
-        out: list[KV | None] = [None] * len(keys)
-        todo: list[int] = []
-        for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
-            if blob is None:
-                todo.append(i)
-                continue
-            try:
-                out[i] = self._decode(key, blob)
-                report.bytes += len(blob)
-            except CorruptBlobError as exc:
-                log.warning("passage KV blob %s is corrupt (%s); recomputing", key.key, exc)
-                report.corrupt += 1
-                todo.append(i)
-        report.decode_ms = (time.perf_counter() - t_dec) * 1000
-        report.hits = len(keys) - len(todo)
-        report.misses = len(todo) - report.corrupt
-        if todo:
-            t1 = time.perf_counter()
-            computed = self.generator.encode_passages(
-                [passages[i] for i in todo], prefix, batch_tokens=self.batch_tokens
-            )
-            self.store.put_many(
-                {keys[i].key: self._encode(keys[i], kv) for i, kv in zip(todo, computed, strict=True)}
-            )
-            for i, kv in zip(todo, computed, strict=True):
-                out[i] = kv
-            report.compute_ms = (time.perf_counter() - t1) * 1000
-        self._count(
-            hits=report.hits,
-            misses=report.misses,
-            corrupt=report.corrupt,
-            recomputed=len(todo),
-            written=len(todo),
-        )
-        return out, report  # type: ignore[return-value]
+        joined, report = self.get_joined(passages)
+        out, pos = [], joined.prefix_tokens
+        for n in joined.lengths:
+            k = joined.kv.keys[:, :, pos : pos + n].contiguous()
+            v = joined.kv.values[:, :, pos : pos + n].contiguous()
+            out.append(KV(k, v))
+            pos += n
+        return out, report
 
     def get_joined(self, passages: Sequence[Sequence[int]]) -> tuple[JoinedKV, FetchReport]:
         """Like `get`, but decodes every blob straight into one preallocated cache (prefix first, then
