@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -58,7 +59,10 @@ def run_ttft_bench(
     data: Path | None = None,
     questions: int = 5,
     repeats: int = 3,
+    blend_ratios: Sequence[float] = (),
 ) -> dict:
+    """Median TTFT of sequential prefill and APE (and, for each of `blend_ratios`, the `blend` mode)
+    over the same passages and questions, measured in one run, interleaved."""
     if k < 1 or questions < 1 or repeats < 1:
         raise InvalidInputError("--k, --questions and --repeats must be >= 1")
     passages, qs = _pieces(data, k, questions)
@@ -79,11 +83,17 @@ def run_ttft_bench(
     decode: list[float] = []
     blob_bytes: list[int] = []
 
-    def ape(q: list[int]) -> float:
+    def ape(q: list[int], ratio: float | None = None) -> float:
         t0 = time.perf_counter()
         joined, report = kv.get_joined(p_ids)
         s = generator.prefill(
-            "ape", q, joined=(joined.kv, joined.prefix_tokens, joined.lengths), temperature=0.9, scale=1.0
+            "ape" if ratio is None else "blend",
+            q,
+            joined=(joined.kv, joined.prefix_tokens, joined.lengths),
+            temperature=0.9,
+            scale=1.0,
+            passage_ids=p_ids,
+            blend_ratio=ratio or 0.0,
         )
         int(torch.argmax(s.logits))
         total = (time.perf_counter() - t0) * 1000
@@ -100,10 +110,15 @@ def run_ttft_bench(
     decode.clear()
     blob_bytes.clear()
     seq_ms, ape_ms = [], []
+    blend_ms: dict[float, list[float]] = {r: [] for r in blend_ratios}
     for _ in range(repeats):
         for q in q_ids:
             seq_ms.append(sequential(q))
+            n = len(fetch)
             ape_ms.append(ape(q))
+            for r in blend_ratios:
+                blend_ms[r].append(ape(q, r))
+            del fetch[n + 1 :], decode[n + 1 :], blob_bytes[n + 1 :]
     seq = statistics.median(seq_ms)
     ap = statistics.median(ape_ms)
     fetch_ms = statistics.median(fetch)
@@ -124,6 +139,19 @@ def run_ttft_bench(
         "kv_decode_ms": round(statistics.median(decode), 2),
         "kv_bytes": int(nbytes),
         "kv_fetch_gb_s": round(nbytes / (fetch_ms / 1000) / 1e9, 3) if fetch_ms > 0 else None,
+        **(
+            {
+                "blend": {
+                    str(r): {
+                        "ttft_ms": round(statistics.median(v), 2),
+                        "speedup": round(seq / statistics.median(v), 2),
+                    }
+                    for r, v in blend_ms.items()
+                }
+            }
+            if blend_ms
+            else {}
+        ),
         "device": str(generator.device),
         "torch_threads": torch.get_num_threads(),
     }

@@ -10,7 +10,14 @@ from typing import Any
 from encoders.encoder import Encoder
 from encoders.errors import InvalidInputError
 from index.collection import Collection, Hit
-from rag.generation.generator import MODES, Generator, SamplingParams, Session, TokenEvent
+from rag.generation.generator import (
+    DEFAULT_BLEND_RATIO,
+    MODES,
+    Generator,
+    SamplingParams,
+    Session,
+    TokenEvent,
+)
 from rag.kvcache.manager import KVCacheManager
 
 
@@ -69,6 +76,7 @@ class RagPipeline:
         ape_temperature: float | Sequence[float] = 0.9,
         ape_scale: float | Sequence[float] = 1.0,
         ape_positions: str = "shared",
+        blend_ratio: float = DEFAULT_BLEND_RATIO,
     ):
         self.collection = collection
         self.encoder = encoder
@@ -77,6 +85,7 @@ class RagPipeline:
         self.ape_temperature = ape_temperature
         self.ape_scale = ape_scale
         self.ape_positions = ape_positions
+        self.blend_ratio = blend_ratio
 
     def retrieve(
         self, question: str, k: int, *, filter: dict | None = None, hybrid: bool = False
@@ -132,6 +141,8 @@ class RagPipeline:
                 scale=self.ape_scale,
                 max_new_tokens=max_new_tokens,
                 positions=self.ape_positions,
+                passage_ids=p_ids,
+                blend_ratio=self.blend_ratio,
             )
         timings = {
             "retrieval_ms": (t1 - t0) * 1000,

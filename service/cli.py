@@ -147,6 +147,8 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
         pipeline.ape_temperature = args.ape_temperature
     if args.ape_scale is not None:
         pipeline.ape_scale = args.ape_scale
+    if args.blend_ratio is not None:
+        pipeline.blend_ratio = _ratios(args.blend_ratio)[0]
     sampling = SamplingParams(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -223,7 +225,10 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
         raise KvragError(f"{data}: no such file")
     t = args.ape_temperature if args.ape_temperature is not None else settings.ape_temperature
     sc = args.ape_scale if args.ape_scale is not None else settings.ape_scale
-    variants = [Variant.of(m.strip(), t, sc) for m in args.mode.split(",") if m.strip()]
+    ratios = _ratios(args.blend_ratio) if args.blend_ratio is not None else [settings.blend_ratio]
+    variants = []
+    for m in filter(None, (x.strip() for x in args.mode.split(","))):
+        variants.extend(Variant.of(m, t, sc, r) for r in (ratios if m == "blend" else ratios[:1]))
     for pair in filter(None, (args.ape_grid or "").split(",")):
         try:
             gt, gs = (float(x) for x in pair.split(":"))
@@ -268,6 +273,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
             data=Path(args.data) if args.data else None,
             questions=args.questions,
             repeats=args.repeats,
+            blend_ratios=_ratios(args.blend_ratio) if args.blend_ratio else (),
         )
     finally:
         kv.store.close()
@@ -290,7 +296,9 @@ def _generation_args(p: argparse.ArgumentParser, default_prompt: str | None = No
     p.add_argument(
         "--kv-url", help="KV store: memory://, file:///path, redis://host:port/db, memory+redis://..."
     )
-    p.add_argument("--kv-codec", choices=["fp16", "bf16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)")
+    p.add_argument(
+        "--kv-codec", choices=["fp16", "bf16", "int8", "fp32"], help="default from KVRAG_KV_CODEC (fp16)"
+    )
     p.add_argument(
         "--prompt",
         choices=["chat", "extractive"],
@@ -299,9 +307,24 @@ def _generation_args(p: argparse.ArgumentParser, default_prompt: str | None = No
     )
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise KvragError(f"--blend-ratio takes numbers in [0, 1] separated by commas, not {text!r}") from exc
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise KvragError(f"--blend-ratio takes numbers in [0, 1] separated by commas, not {text!r}")
+    return values
+
+
 def _ape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ape-temperature", type=float, help="APE temperature T (default KVRAG_APE_TEMPERATURE)")
     p.add_argument("--ape-scale", type=float, help="APE scaling factor S (default KVRAG_APE_SCALE)")
+    p.add_argument(
+        "--blend-ratio",
+        help="blend mode: fraction of passage tokens recomputed at query time (default KVRAG_BLEND_RATIO);"
+        " eval rag takes several separated by commas",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rescore", type=int, default=1, help="candidate multiplier for rescoring compressed codes"
     )
     q.add_argument("--search-only", action="store_true", help="print hits without generating an answer")
-    q.add_argument("--mode", default="ape", choices=["ape", "parallel", "sequential"])
+    q.add_argument("--mode", default="ape", choices=["ape", "parallel", "sequential", "blend"])
     q.add_argument("--stream", action="store_true", help="print the answer token by token")
     q.add_argument("--max-tokens", type=int, default=128, help="most answer tokens")
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -379,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument(
         "--mode",
         default="ape",
-        help="ape, parallel or sequential; several separated by commas share retrieval",
+        help="ape, parallel, sequential or blend; several separated by commas share retrieval",
     )
     rg.add_argument("--max-tokens", type=int, default=16, help="most answer tokens")
     rg.add_argument("--encoder", help="retrieval model spec")
@@ -399,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("--questions", type=int, default=5)
     bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument("--blend-ratio", help="also time the blend mode at these ratios, e.g. 0.15,0.3")
     _generation_args(bt)
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_bench_ttft)

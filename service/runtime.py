@@ -44,4 +44,5 @@ def open_pipeline(
         kv,
         ape_temperature=settings.ape_temperature,
         ape_scale=settings.ape_scale,
+        blend_ratio=settings.blend_ratio,
     )

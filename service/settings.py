@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     kv_batch_tokens: int = 4096
     ape_temperature: float = 0.9
     ape_scale: float = 1.0  # T and S tuned on XQuAD-en questions 0-199 (docs/benchmarks.md)
+    blend_ratio: float = 0.15  # `blend` mode: fraction of passage tokens recomputed at query time
 
     @property
     def root(self) -> Path:

@@ -201,6 +201,11 @@ def test_query_modes(indexed, capsys) -> None:
     assert par["text"] == seq["text"]
     text = run_text(capsys, [*base[:-2], "--mode", "sequential", QUESTION])
     assert "mode sequential: time to first token" in text
+    # blend: one passage follows the prefix exactly, nothing to recompute, same answer
+    blend = run_json(capsys, [*base, "--mode", "blend", "--blend-ratio", "0.5"])
+    assert blend["mode"] == "blend" and blend["text"] == seq["text"]
+    assert main([*base, "--mode", "blend", "--blend-ratio", "2"]) == 2
+    assert "--blend-ratio" in capsys.readouterr().err
 
 
 def test_query_errors(home, capsys) -> None:
@@ -232,6 +237,13 @@ def test_bench_ttft(home, tmp_path, capsys) -> None:
     assert out["k"] == 2 and out["questions"] == 1 and out["repeats"] == 1
     assert out["kv_bytes"] > 0 and out["kv_url"].startswith("memory://")
     assert out["speedup"] == pytest.approx(out["sequential_ttft_ms"] / out["ape_ttft_ms"], rel=0.05, abs=0.01)
+    assert "blend" not in out
+    blend = run_json(capsys, [*argv, "--kv-url", "memory://", "--blend-ratio", "0,1", "--json"])
+    assert set(blend["blend"]) == {"0.0", "1.0"}
+    for r in ("0.0", "1.0"):
+        b = blend["blend"][r]
+        assert b["ttft_ms"] > 0
+        assert b["speedup"] == pytest.approx(blend["sequential_ttft_ms"] / b["ttft_ms"], rel=0.05, abs=0.01)
 
     assert main([*argv, "--k", "5", "--kv-url", "memory://", "--json"]) == 2  # only 3 paragraphs
     assert "k=5" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from encoders.errors import InvalidInputError
 from index.collection import Collection, CollectionConfig
 from index.job import Document, index_documents
 from rag.eval.squad import best_score, exact_match, f1_score, load_squad
-from rag.generation.generator import MODES, SamplingParams
+from rag.generation.generator import DEFAULT_BLEND_RATIO, MODES, SamplingParams
 from rag.kvcache.manager import KVCacheManager
 from rag.pipeline import RagPipeline
 
@@ -33,13 +33,20 @@ class Variant:
     temperature: float | Sequence[float] = 1.0
     scale: float | Sequence[float] = 1.0
     positions: str = "shared"  # or "distinct": passages re-rotated to follow each other
+    blend_ratio: float = DEFAULT_BLEND_RATIO  # `blend` only: fraction of passage tokens recomputed
 
     @classmethod
-    def of(cls, mode: str, temperature: float, scale: float) -> Variant:
+    def of(
+        cls, mode: str, temperature: float, scale: float, blend_ratio: float = DEFAULT_BLEND_RATIO
+    ) -> Variant:
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode == "ape":
             return cls(f"ape(T={temperature},S={scale})", mode, temperature, scale)
+        if mode == "blend":
+            if not 0.0 <= blend_ratio <= 1.0:
+                raise InvalidInputError("the blend ratio must be in [0, 1]")
+            return cls(f"blend(r={blend_ratio})", mode, blend_ratio=blend_ratio)
         return cls(mode, mode)
 
 
@@ -118,6 +125,7 @@ def run_rag_eval(
         for v in cfg.variants:
             pipeline.ape_temperature, pipeline.ape_scale = v.temperature, v.scale
             pipeline.ape_positions = v.positions
+            pipeline.blend_ratio = v.blend_ratio
             t_p = time.perf_counter()
             prep = pipeline.prepare(q.question, mode=v.mode, hits=hits, max_new_tokens=cfg.max_new_tokens)
             logps = gen.answer_logprobs(prep.session, gold_ids)
@@ -151,7 +159,8 @@ def run_rag_eval(
             "mode": v.mode,
             "temperature": v.temperature,
             "scale": v.scale,
-            "positions": v.positions,
+            "positions": "distinct" if v.mode == "blend" else v.positions,
+            **({"blend_ratio": v.blend_ratio} if v.mode == "blend" else {}),
             "em": round(sum(m["em"]) / n, 4),
             "f1": round(sum(m["f1"]) / n, 4),
             "gold_logprob": round(sum(m["gold_logprob"]) / n, 4),

@@ -11,7 +11,11 @@ Three ways to get from those pieces to the first answer token:
 - `parallel`: prefix and passage caches computed independently (each passage after the prefix, at
   positions P..P+L-1), joined, and only the question prefilled at position P + max L, with plain
   attention over everything (APE with T = S = 1);
-- `ape`: the same with the passage group's temperature T and scaling factor S (see `ape.py`).
+- `ape`: the same with the passage group's temperature T and scaling factor S (see `ape.py`);
+- `blend`: CacheBlend-style: the passage caches re-rotated to follow each other as in a sequential
+  prompt, a small fraction of passage tokens (those whose layer-1 values deviate most from what a
+  sequential prefill gives) recomputed with attention over all earlier passages, then the question
+  prefilled with plain attention over everything.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from encoders.errors import InvalidInputError, ModelNotFoundError
 from encoders.models import model_fingerprint, resolve_model
 from rag.generation.ape import ApeSpec, register
 
-MODES = ("sequential", "parallel", "ape")
+MODES = ("sequential", "parallel", "ape", "blend")
+DEFAULT_BLEND_RATIO = 0.15
 DEFAULT_GENERATOR = "bundled:smollm2-135m-instruct"
 DEFAULT_SYSTEM = (
     "You answer questions using only the passages given by the user. "
@@ -135,6 +140,25 @@ class TokenEvent:
     token_id: int | None
     finish_reason: str | None = None  # "stop" | "length" on the last event
     stats: dict = field(default_factory=dict)
+
+
+class _ScatterCache:
+    """Cache stand-in for recomputing some tokens of an already complete cache: `update` writes the
+    new keys and values over those tokens' slots and returns the whole layer, so the recomputed tokens
+    attend to every slot the mask allows, as in a full prefill."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys  # (layers, kv_heads, tokens, head_dim), written in place
+        self.values = values
+        self.slots: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx][:, self.slots] = key_states[0].to(self.keys.dtype)
+        self.values[layer_idx][:, self.slots] = value_states[0].to(self.values.dtype)
+        return self.keys[layer_idx].unsqueeze(0), self.values[layer_idx].unsqueeze(0)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys.shape[2])
 
 
 def _weights_digest(folder: Path) -> str:
@@ -297,6 +321,62 @@ class Generator:
         rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
         return (k * cos + rotated * sin).to(keys.dtype)
 
+    @torch.inference_mode()
+    def blend(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        passage_ids: Sequence[Sequence[int]],
+        prefix_tokens: int,
+        ratio: float = DEFAULT_BLEND_RATIO,
+    ) -> int:
+        """Recompute a fraction of the passage tokens of a joined cache in distinct layout (passages
+        following each other, keys already re-rotated), in place, as CacheBlend (arXiv 2405.16444) does.
+
+        The first passage follows the prefix exactly as in a sequential prompt, so its cache is already
+        exact; the later passages' tokens run through layer 0 with attention over everything before
+        them, the `ratio * context` tokens whose layer-1 values deviate most from their cached values
+        are selected, and only those run through the remaining layers. Returns the number selected."""
+        if not 0.0 <= ratio <= 1.0:
+            raise InvalidInputError("the blend ratio must be in [0, 1]")
+        lengths = [len(p) for p in passage_ids]
+        ctx = sum(lengths)
+        if keys.shape[2] != prefix_tokens + ctx:
+            raise InvalidInputError("the joined cache does not match the passages")
+        first = prefix_tokens + (lengths[0] if lengths else 0)
+        n_select = min(math.ceil(ratio * ctx), prefix_tokens + ctx - first)
+        if n_select <= 0 or len(lengths) < 2:
+            return 0
+        ids = torch.tensor([t for p in passage_ids[1:] for t in p], device=self.device).unsqueeze(0)
+        slots = torch.arange(first, prefix_tokens + ctx, device=self.device)
+        model = self.model.model
+        cache = _ScatterCache(keys, values)
+        hidden = model.embed_tokens(ids)
+        key_pos = torch.arange(keys.shape[2], device=self.device)
+        for li, layer in enumerate(model.layers):
+            if li == 1:
+                # Select by how far the cached layer-1 values are from what this context gives.
+                attn = layer.self_attn
+                fresh = attn.v_proj(layer.input_layernorm(hidden))[0]
+                fresh = fresh.view(fresh.shape[0], -1, attn.head_dim).transpose(0, 1)
+                cached = values[1][:, slots].to(fresh.dtype)
+                deviation = (fresh - cached).float().pow(2).sum(dim=(0, 2))
+                keep = torch.topk(deviation, n_select).indices.sort().values
+                slots, hidden = slots[keep], hidden[:, keep]
+            cache.slots = slots
+            positions = slots.unsqueeze(0)
+            mask = (key_pos.unsqueeze(0) <= slots.unsqueeze(1))[None, None]
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                position_embeddings=model.rotary_emb(hidden, positions),
+            )
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return n_select
+
     @staticmethod
     def _truncate(cache, length: int) -> None:
         for layer in cache.layers:
@@ -411,6 +491,7 @@ class Generator:
         scale: float | Sequence[float] = 1.0,
         max_new_tokens: int = 0,
         positions: str = "shared",
+        blend_ratio: float = DEFAULT_BLEND_RATIO,
     ) -> Session:
         """Prefill the question (and, in sequential mode, everything before it).
 
@@ -419,7 +500,8 @@ class Generator:
 
         `positions="shared"` (APE) puts every passage at P..P+L-1 and the question at P + max L;
         `"distinct"` re-rotates each passage's cached keys so the passages follow each other as in a
-        sequential prompt (question at P + sum L), still encoded independently."""
+        sequential prompt (question at P + sum L), still encoded independently. `blend` implies distinct
+        positions and T = S = 1, and needs `passage_ids` to recompute `blend_ratio` of the passage tokens."""
         if positions not in ("shared", "distinct"):
             raise InvalidInputError("positions must be 'shared' or 'distinct'")
         if mode not in MODES:
@@ -449,7 +531,11 @@ class Generator:
             kv, p_len, lengths = joined
             ctx = sum(lengths)
             start = p_len + max(lengths, default=0)
-            keys = kv.keys
+            keys, values = kv.keys, kv.values
+            if mode == "blend":
+                positions = "distinct"
+                if [len(p) for p in passage_ids] != list(lengths):
+                    raise InvalidInputError("blend mode needs the passages' token ids")
             if positions == "distinct" and len(lengths) > 1:
                 keys = keys.clone()
                 pos = p_len + lengths[0]
@@ -457,9 +543,12 @@ class Generator:
                     keys[:, :, pos : pos + n] = self.shift_keys(keys[:, :, pos : pos + n], pos - p_len)
                     pos += n
                 start = p_len + ctx
-            cache = self._cache_over(keys, kv.values)
+            if mode == "blend":
+                values = values.clone()
+                self.blend(keys, values, passage_ids, p_len, blend_ratio)
+            cache = self._cache_over(keys, values)
             self._check_length(start + len(question_ids) + max_new_tokens)
-            t, s = (1.0, 1.0) if mode == "parallel" else (temperature, scale)
+            t, s = (temperature, scale) if mode == "ape" else (1.0, 1.0)
             ape = ApeSpec(p_len, p_len + ctx, t, s)
             logits = self._forward(q, self._positions(start, q.shape[1]), cache, ape)
             session = Session(cache, logits[0, -1].float(), start + q.shape[1], ape, mode, p_len + ctx, 0.0)

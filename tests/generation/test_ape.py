@@ -401,3 +401,61 @@ def test_answer_convenience_matches_the_explicit_steps(tiny_generator):
         )
         assert streamed == explicit
     assert isinstance(gen.answer(QUESTION, ["plain text passage"], sampling=sp), str)
+
+
+# --------------------------------------------------------------------------- CacheBlend-style recompute
+
+
+def test_blend_with_everything_recomputed_equals_sequential(tiny_generator):
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    seq = gen.prefill("sequential", q, passage_ids=passages)
+    full = gen.prefill("blend", q, passage_ids=passages, blend_ratio=1.0)
+    assert full.next_position == seq.next_position
+    assert (seq.logits - full.logits).abs().max().item() <= 1e-4
+    # The recomputed cache is the sequential cache, slot for slot, at every layer.
+    for layer in range(gen.num_layers):
+        a, b = seq.cache.layers[layer].keys, full.cache.layers[layer].keys
+        n = min(a.shape[2], b.shape[2])
+        assert torch.allclose(a[:, :, :n], b[:, :, :n], atol=1e-4)
+
+
+def test_blend_with_nothing_recomputed_is_distinct_parallel(tiny_generator):
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    seq = gen.prefill("sequential", q, passage_ids=passages)
+    none = gen.prefill("blend", q, passage_ids=passages, blend_ratio=0.0)
+    distinct = gen.prefill("parallel", q, passage_ids=passages, positions="distinct")
+    assert (none.logits - distinct.logits).abs().max().item() <= 1e-5
+    assert (none.logits - seq.logits).abs().max().item() > 1e-3  # so the first test can fail
+    # A partial recompute is neither.
+    part = gen.prefill("blend", q, passage_ids=passages, blend_ratio=0.3)
+    assert (part.logits - seq.logits).abs().max().item() > 1e-5
+    assert (part.logits - none.logits).abs().max().item() > 1e-5
+
+
+def test_blend_selects_the_requested_number_and_leaves_the_first_passage(tiny_generator):
+    gen = tiny_generator
+    passages, _ = _pieces(gen)
+    prefix = gen.encode_prefix()
+    caches = gen.encode_passages(passages, prefix)
+    keys = torch.cat([prefix.keys, *(c.keys for c in caches)], dim=2)
+    values = torch.cat([prefix.values, *(c.values for c in caches)], dim=2)
+    p_len, first = prefix.tokens, prefix.tokens + len(passages[0])
+    pos = first
+    for n in map(len, passages[1:]):
+        keys[:, :, pos : pos + n] = gen.shift_keys(keys[:, :, pos : pos + n], pos - p_len)
+        pos += n
+    before_k, before_v = keys.clone(), values.clone()
+    ctx = sum(map(len, passages))
+    chosen = gen.blend(keys, values, passages, p_len, 0.25)
+    assert chosen == math.ceil(0.25 * ctx)
+    # prefix and first passage untouched; at the last layer exactly `chosen` slots changed
+    assert torch.equal(keys[:, :, :first], before_k[:, :, :first])
+    assert torch.equal(values[:, :, :first], before_v[:, :, :first])
+    changed = (values[-1] - before_v[-1]).abs().amax(dim=(0, 2)) > 1e-6
+    assert int(changed.sum()) == chosen
+    with pytest.raises(InvalidInputError):
+        gen.blend(keys, values, passages, p_len, 1.5)
+    with pytest.raises(InvalidInputError):
+        gen.blend(keys, values, passages[:2], p_len, 0.2)

@@ -338,6 +338,25 @@ def test_eval_rag_single_mode_and_range(three_modes: dict, cli_env) -> None:
     assert json.loads(out)["questions"] == 1
 
 
+def test_eval_rag_blend_ratios(three_modes: dict, cli_env) -> None:
+    base, _, _ = cli_env
+    code, out, err = run_cli([*base, "--mode", "sequential,blend", "--blend-ratio", "0,1"])
+    assert code == 0, err
+    r = json.loads(out)
+    assert list(r["variants"]) == ["sequential", "blend(r=0.0)", "blend(r=1.0)"]
+    full, none = r["variants"]["blend(r=1.0)"], r["variants"]["blend(r=0.0)"]
+    assert (full["mode"], full["blend_ratio"], full["positions"]) == ("blend", 1.0, "distinct")
+    # everything recomputed is a sequential prefill: same scores
+    seq = three_modes["variants"]["sequential"]
+    for key in ("em", "f1", "answer_tokens_mean"):
+        assert full[key] == seq[key], key
+    # (the cached prefix and first passage are fp16, the sequential prefill fp32)
+    assert abs(full["gold_logprob"] - seq["gold_logprob"]) < 5e-3
+    assert abs(none["gold_logprob"] - seq["gold_logprob"]) > 5e-2
+    code, out, err = run_cli([*base, "--mode", "blend", "--blend-ratio", "x"])
+    assert code == 2 and "--blend-ratio" in err
+
+
 def test_eval_rag_cli_errors(cli_env, tmp_path: Path) -> None:
     base, _, data = cli_env
     code, out, err = run_cli([*base, "--mode", "beam"])
