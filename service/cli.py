@@ -258,6 +258,46 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    if not is_loopback(host) and settings.api_key is None:
+        raise KvragError(
+            f"refusing to serve on {host} without an API key: set KVRAG_API_KEY (clients send"
+            " `Authorization: Bearer <key>`), or bind to 127.0.0.1"
+        )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        proxy_headers=False,
+    )
+    return 0
+
+
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from rag.bench_ttft import run_ttft_bench
     from service.runtime import open_generator, open_kv
@@ -374,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     _ape_args(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
+
+    sv = sub.add_parser("serve", help="serve the HTTP API (uvicorn)")
+    sv.add_argument("--host", help="bind address (default KVRAG_HOST, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default KVRAG_PORT, 8000)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="what", required=True)
     r = ev.add_parser("retrieval", help="BEIR-layout retrieval quality")

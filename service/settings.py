@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from encoders.encoder import EncoderConfig
@@ -28,6 +29,21 @@ class Settings(BaseSettings):
     ape_temperature: float = 0.9
     ape_scale: float = 1.0  # T and S tuned on XQuAD-en questions 0-199 (docs/benchmarks.md)
     blend_ratio: float = 0.15  # `blend` mode: fraction of passage tokens recomputed at query time
+    # HTTP service (`kvrag serve`).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: SecretStr | None = None  # bearer key; required when bound to a non-loopback address
+    encoders: str = ""  # more encoder specs collections may use, comma-separated (loaded on first use)
+    default_collection: str | None = None  # chat completions without a `collection` field use it
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_inputs: int = 256  # embedding inputs or documents per request
+    max_input_chars: int = 32_000  # per embedding input or search query
+    max_document_chars: int = 1_000_000
+    max_k: int = 50
+    max_tokens: int = 1024  # chat completion tokens
+    max_concurrency: int = 1  # model work (encoding, search, generation, indexing) at once
+    max_queue: int = 16  # requests waiting for a model slot; more are answered 503
+    queue_timeout_s: float = 60.0  # longest wait for a model slot before 503
 
     @property
     def root(self) -> Path:

@@ -1,0 +1,248 @@
+"""Collections, their documents and search: /v1/collections[...]."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from encoders.errors import CollectionNotFoundError
+from index.collection import Collection, CollectionConfig, validate_name
+from index.job import Document, index_documents
+from index.vector import parse_spec
+from service.deps import State
+from service.errors import ApiError, LimitExceeded
+from service.schemas import (
+    CollectionCreate,
+    CollectionInfo,
+    CollectionList,
+    DocumentOut,
+    DocumentsUpsert,
+    PassageOut,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    UpsertResult,
+)
+from service.state import AppState
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
+_SPEC_OF = {"float32": "Flat", "int8": "SQ8", "ubinary": "BFlat"}
+
+
+def info(c: Collection) -> CollectionInfo:
+    counts = c.store.counts()
+    cfg = c.config
+    return CollectionInfo(
+        name=c.name,
+        encoder=cfg.encoder,
+        spec=cfg.spec,
+        precision=parse_spec(cfg.spec).precision,  # type: ignore[arg-type]
+        dim=cfg.dim,
+        max_tokens=cfg.max_tokens,
+        overlap_tokens=cfg.overlap_tokens,
+        documents=counts["documents"],
+        passages=counts["passages"],
+    )
+
+
+@router.get("", response_model=CollectionList)
+async def list_collections(state: State) -> CollectionList:
+    return CollectionList(data=[info(state.collection(n)) for n in Collection.list(state.home)])
+
+
+@router.post("", response_model=CollectionInfo, status_code=201)
+async def create_collection(body: CollectionCreate, state: State) -> CollectionInfo:
+    validate_name(body.name)
+    encoder = body.encoder or state.settings.encoder
+    state.encoder(encoder)  # served here? loaded once
+    spec = body.spec or _SPEC_OF[body.precision or "float32"]
+    if body.spec and body.precision and parse_spec(body.spec).precision != body.precision:
+        raise ApiError(422, f"spec {body.spec!r} is {parse_spec(body.spec).precision}, not {body.precision}")
+    if body.name in Collection.list(state.home):
+        raise ApiError(409, f"collection {body.name!r} already exists", code="conflict")
+    config = CollectionConfig(
+        encoder=encoder,
+        spec=spec,
+        dim=body.dim,
+        max_tokens=body.max_tokens,
+        overlap_tokens=body.overlap_tokens,
+        bm25_language=body.bm25_language,
+    )
+    with state.lock(body.name):
+        c = Collection.create(state.home, body.name, config)
+        state.add_collection(c)
+    return info(c)
+
+
+@router.get("/{name}", response_model=CollectionInfo)
+async def get_collection(name: str, state: State) -> CollectionInfo:
+    return info(state.collection(name))
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_collection(name: str, state: State) -> Response:
+    await run_in_threadpool(state.drop_collection, name)
+    return Response(status_code=204)
+
+
+def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResult:
+    t0 = time.perf_counter()
+    encoder = state.encoder(c.config.encoder)
+    docs = [
+        Document(
+            d.id,
+            d.text,
+            title=d.title,
+            source=d.source,
+            kind=d.kind,
+            lang=d.lang,
+            metadata=d.metadata,
+        )
+        for d in body.documents
+    ]
+    with state.lock(c.name):
+        report = index_documents(c, iter(docs), encoder)
+        kv = {"kv_computed": 0, "kv_present": 0}
+        if body.kv and state.kv is not None and state.generator is not None:
+            pids = [p for d in body.documents for p in (c.store.get_document(d.id) or {}).get("passages", [])]
+            rows = c.store.passages(pids)
+            out = state.kv.ensure([state.generator.passage_ids(r.text, r.doc_title) for r in rows])
+            kv = {"kv_computed": out["kv_computed"], "kv_present": out["kv_present"]}
+    return UpsertResult(
+        collection=c.name,
+        added=report.added,
+        replaced=report.replaced,
+        unchanged=report.unchanged,
+        passages_added=report.passages_added,
+        passages_removed=report.passages_removed,
+        documents=report.documents,
+        passages=report.passages,
+        seconds=round(time.perf_counter() - t0, 3),
+        **kv,
+    )
+
+
+@router.post("/{name}/documents", response_model=UpsertResult)
+async def upsert_documents(name: str, body: DocumentsUpsert, state: State) -> UpsertResult:
+    s = state.settings
+    c = state.collection(name)
+    if len(body.documents) > s.max_inputs:
+        raise LimitExceeded("the number of documents", len(body.documents), s.max_inputs, "max_inputs")
+    ids = [d.id for d in body.documents]
+    if len(set(ids)) != len(ids):
+        raise ApiError(422, "document ids repeat within the request: each id must appear once")
+    for d in body.documents:
+        if len(d.text) > s.max_document_chars:
+            raise LimitExceeded(
+                f"document {d.id!r} length in characters",
+                len(d.text),
+                s.max_document_chars,
+                "max_document_chars",
+            )
+    async with state.gate.slot():
+        return await run_in_threadpool(_upsert, state, c, body)
+
+
+@router.get("/{name}/documents/{doc_id}", response_model=DocumentOut)
+async def get_document(name: str, doc_id: str, state: State) -> DocumentOut:
+    c = state.collection(name)
+    doc = c.store.get_document(doc_id)
+    if doc is None:
+        raise CollectionNotFoundError(f"no document {doc_id!r} in collection {name!r}")
+    rows = c.store.passages(doc["passages"])
+    return DocumentOut(
+        id=doc["id"],
+        title=doc["title"],
+        source=doc["source"],
+        metadata=doc["metadata"],
+        updated_at=doc["updated_at"],
+        passages=[
+            PassageOut(
+                id=r.id, text=r.text, start=r.start, end=r.end, kind=r.kind, lang=r.lang, section=r.title
+            )
+            for r in rows
+        ],
+    )
+
+
+def _delete_document(state: AppState, c: Collection, doc_id: str) -> None:
+    with state.lock(c.name):
+        if c.store.get_document(doc_id) is None:
+            raise CollectionNotFoundError(f"no document {doc_id!r} in collection {c.name!r}")
+        removed = c.store.delete_documents([doc_id])
+        if c.index is not None:
+            c.index.remove(removed)
+        c.bm25_dirty = True
+        c.commit()
+
+
+@router.delete("/{name}/documents/{doc_id}", status_code=204)
+async def delete_document(name: str, doc_id: str, state: State) -> Response:
+    c = state.collection(name)
+    await run_in_threadpool(_delete_document, state, c, doc_id)
+    return Response(status_code=204)
+
+
+def check_k(state: AppState, k: int) -> None:
+    if k > state.settings.max_k:
+        raise LimitExceeded("k", k, state.settings.max_k, "max_k")
+
+
+def check_query(state: AppState, text: str, what: str = "the query") -> None:
+    if not text.strip():
+        raise ApiError(422, f"{what} is empty")
+    if len(text) > state.settings.max_input_chars:
+        raise LimitExceeded(
+            f"{what} length in characters", len(text), state.settings.max_input_chars, "max_input_chars"
+        )
+
+
+@router.post("/{name}/search", response_model=SearchResponse)
+async def search(name: str, body: SearchRequest, state: State) -> SearchResponse:
+    c = state.collection(name)
+    check_k(state, body.k)
+    check_query(state, body.query)
+    have = parse_spec(c.config.spec).precision
+    if body.precision is not None and body.precision != have:
+        raise ApiError(
+            422,
+            f"collection {name!r} stores {have} vectors (spec {c.config.spec}); precision is fixed when a "
+            "collection is created: create another collection for another precision",
+        )
+    encoder = state.encoder(c.config.encoder)
+
+    def work():
+        with state.lock(name):
+            t0 = time.perf_counter()
+            hits = c.search(
+                body.query, encoder, k=body.k, filter=body.filter, hybrid=body.hybrid, rescore=body.rescore
+            )
+            return hits, (time.perf_counter() - t0) * 1000
+
+    async with state.gate.slot():
+        hits, ms = await run_in_threadpool(work)
+    return SearchResponse(
+        collection=name,
+        query=body.query,
+        search_ms=round(ms, 3),
+        hits=[
+            SearchHit(
+                rank=i + 1,
+                passage_id=h.passage_id,
+                score=h.score,
+                doc_id=h.doc_id,
+                title=h.title,
+                source=h.source,
+                section=h.section,
+                text=h.text,
+                start=h.start,
+                end=h.end,
+                lang=h.lang,
+                kind=h.kind,
+                metadata=h.metadata,
+            )
+            for i, h in enumerate(hits)
+        ],
+    )

@@ -1,0 +1,254 @@
+"""Request and response bodies. Requests are strict (unknown fields rejected, except on the
+OpenAI-compatible endpoints where clients send fields kvrag ignores); responses are separate models."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rag.generation.generator import MODES
+
+Mode = Literal["ape", "parallel", "sequential", "blend"]
+assert set(MODES) == {"ape", "parallel", "sequential", "blend"}
+Precision = Literal["float32", "int8", "ubinary"]
+Filter = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """OpenAI-compatible requests: clients send fields kvrag does not use (user, n, logprobs...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingsRequest(_Open):
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = Field(None, description="encoder spec; default: the served encoder")
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka truncation (then re-normalised)")
+    encoding_format: Literal["float", "base64"] = "float"
+    input_type: Literal["query", "passage"] = Field(
+        "query", description="extension: embed as a search query or as a passage to be found"
+    )
+    precision: Precision = Field(
+        "float32",
+        description="extension: float32; int8 (per-vector symmetric scale, cosine preserved); "
+        "ubinary (sign bits packed 8 per byte)",
+    )
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | list[int] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+    precision: Precision
+    dimensions: int
+
+
+# ---------------------------------------------------------------------------------- collections
+
+
+class CollectionCreate(_Strict):
+    name: str = Field(description="1-64 letters, digits, '_' or '-'")
+    encoder: str | None = None
+    precision: Precision | None = Field(None, description="index precision; picks the spec Flat/SQ8/BFlat")
+    spec: str | None = Field(None, description="index spec (faiss-factory style); overrides precision")
+    dim: int | None = Field(None, ge=8, description="Matryoshka truncation of stored vectors")
+    max_tokens: int = Field(256, ge=16, le=8192, description="passage size in encoder tokens")
+    overlap_tokens: int = Field(32, ge=0, le=1024)
+    bm25_language: str | None = None
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    encoder: str
+    spec: str
+    precision: Precision
+    dim: int | None
+    max_tokens: int
+    overlap_tokens: int
+    documents: int
+    passages: int
+
+
+class CollectionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CollectionInfo]
+
+
+class DocumentIn(_Strict):
+    id: str = Field(min_length=1, max_length=512)
+    text: str
+    title: str | None = None
+    source: str | None = None
+    kind: Literal["text", "code"] = "text"
+    lang: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentsUpsert(_Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+    kv: bool = Field(True, description="compute the new passages' KV caches now")
+
+
+class UpsertResult(BaseModel):
+    collection: str
+    added: int
+    replaced: int
+    unchanged: int
+    passages_added: int
+    passages_removed: int
+    documents: int
+    passages: int
+    kv_computed: int
+    kv_present: int
+    seconds: float
+
+
+class PassageOut(BaseModel):
+    id: int
+    text: str
+    start: int
+    end: int
+    kind: str
+    lang: str | None
+    section: str | None
+
+
+class DocumentOut(BaseModel):
+    id: str
+    title: str | None
+    source: str | None
+    metadata: dict[str, Any]
+    updated_at: str
+    passages: list[PassageOut]
+
+
+class SearchRequest(_Strict):
+    query: str
+    k: int = Field(10, ge=1)
+    filter: Filter | None = None
+    hybrid: bool = False
+    precision: Precision | None = Field(
+        None, description="must match the collection's index precision when given (fixed at creation)"
+    )
+    rescore: int = Field(1, ge=1, le=100, description="candidate multiplier for rescoring compressed codes")
+
+
+class SearchHit(BaseModel):
+    rank: int
+    passage_id: int
+    score: float
+    doc_id: str
+    title: str | None
+    source: str | None
+    section: str | None
+    text: str
+    start: int
+    end: int
+    lang: str | None
+    kind: str
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    query: str
+    hits: list[SearchHit]
+    search_ms: float
+
+
+# ---------------------------------------------------------------------------------- chat
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Open):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    # extensions
+    collection: str | None = None
+    k: int = Field(5, ge=1)
+    mode: Mode = "ape"
+    filter: Filter | None = None
+    hybrid: bool = False
+    repetition_penalty: float = Field(1.1, ge=1.0, le=10.0)
+
+
+class Citation(BaseModel):
+    rank: int
+    passage_id: int
+    doc_id: str
+    title: str | None
+    source: str | None
+    score: float
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    citations: list[Citation]
+    kvrag: dict[str, Any] = Field(description="mode, timings (ms) and KV cache report")
+
+
+# ---------------------------------------------------------------------------------- health
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "loading"]
+    models: dict[str, str]
+    kv_store: dict[str, Any]
