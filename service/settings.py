@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_k: int = 50
     max_tokens: int = 1024  # chat completion tokens
     max_concurrency: int = 1  # model work (encoding, search, generation, indexing) at once
-    max_queue: int = 16  # requests waiting for a model slot; more are answered 503
+    max_queue: int = 64  # requests waiting for a model slot; more are answered 503
     queue_timeout_s: float = 60.0  # longest wait for a model slot before 503
 
     @property
