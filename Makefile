@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 export KVRAG_HOME ?= $(CURDIR)/.kvrag
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup models run test lint bench clean
+.PHONY: help setup models run serve test lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,7 +28,7 @@ setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
 models: setup  ## prepare the bundled offline models under $KVRAG_HOME/models
 	$(KVRAG) models
 
-run: models  ## index the sample corpus (embeddings + passage KV caches), search it and answer a question
+run: models  ## index the sample corpus (embeddings + passage KV caches), search it, answer, serve the API and call it
 	$(KVRAG) index --collection sample samples/docs samples/code
 	@echo; echo "--- cross-lingual search: an English question over German, French, Spanish, Chinese... documents"
 	$(KVRAG) query --collection sample --k 3 --search-only "How do volcanoes form?"
@@ -36,13 +36,18 @@ run: models  ## index the sample corpus (embeddings + passage KV caches), search
 	$(KVRAG) query --collection sample --k 3 --search-only --filter '{"kind": "code"}' "evict the least recently used entry"
 	@echo; echo "--- an answer from the passages' cached KV joined by APE, streamed"
 	$(KVRAG) query --collection sample --k 3 --max-tokens 48 --stream "What does a plant need for photosynthesis?"
+	@echo; echo "--- the HTTP API: kvrag serve on 127.0.0.1, curl and the OpenAI client"
+	KVRAG=$(KVRAG) PY=$(PY) scripts/serve_demo.sh
+
+serve: models  ## serve the HTTP API on 127.0.0.1:$${KVRAG_PORT:-8000} (index first: make run)
+	$(KVRAG) serve
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
 lint: setup  ## ruff lint and format check
-	$(VENV)/bin/ruff check encoders index kernels rag service tests benchmarks
-	$(VENV)/bin/ruff format --check encoders index kernels rag service tests benchmarks
+	$(VENV)/bin/ruff check encoders index kernels rag service tests benchmarks examples
+	$(VENV)/bin/ruff format --check encoders index kernels rag service tests benchmarks examples
 
 bench: setup  ## run the benchmarks (JSON on stdout; slow, needs ../shared/data)
 	$(PY) benchmarks/run_all.py

@@ -31,6 +31,7 @@ class AppState:
         self._collections: dict[str, Collection] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
+        self._stamps: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -74,13 +75,26 @@ class AppState:
     def home(self) -> Path:
         return self.settings.root
 
+    def _stamp(self, name: str) -> int:
+        try:
+            return (Collection.folder_for(self.home, name) / "vectors" / "manifest.json").stat().st_mtime_ns
+        except OSError:
+            return 0
+
     def collection(self, name: str) -> Collection:
+        """The open collection; reopened when its index was saved by another process (an indexing job)
+        since it was opened, so searches never run on a stale index."""
         validate_name(name)
         with self._registry_lock:
-            if name not in self._collections:
-                self._collections[name] = Collection.open(self.home, name)
+            stamp = self._stamp(name)
+            current = self._collections.get(name)
+            if current is not None and self._stamps.get(name) != stamp:
+                current = None  # not closed: a request may still use it; its connection closes when freed
+            if current is None:
+                current = self._collections[name] = Collection.open(self.home, name)
+                self._stamps[name] = stamp
                 self._locks.setdefault(name, threading.Lock())
-            return self._collections[name]
+            return current
 
     def lock(self, name: str) -> threading.Lock:
         with self._registry_lock:
@@ -89,6 +103,7 @@ class AppState:
     def add_collection(self, collection: Collection) -> None:
         with self._registry_lock:
             self._collections[collection.name] = collection
+            self._stamps[collection.name] = self._stamp(collection.name)
             self._locks.setdefault(collection.name, threading.Lock())
 
     def drop_collection(self, name: str) -> None:

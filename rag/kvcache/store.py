@@ -552,9 +552,12 @@ class TieredStore(KVStore):
         return self.front.ping() and self.back.ping()
 
     def stats(self) -> StoreStats:
+        """The tier's own counters, with `errors` summed over both tiers (so an outage of the back
+        shows at the top level) and each tier's counters under `front` and `back`."""
         out = super().stats()
         out["front"] = self.front.stats()
         out["back"] = self.back.stats()
+        out["errors"] = out.get("errors", 0) + out["front"].get("errors", 0) + out["back"].get("errors", 0)
         return out
 
     def close(self) -> None:

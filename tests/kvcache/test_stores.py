@@ -322,6 +322,7 @@ def test_tiered_exists_falls_back_and_dead_back_still_serves_front() -> None:
     assert s.exists_many(["k", "x"]) == [True, False]
     assert s.ping() is False
     assert s.stats()["back"]["errors"] == 2  # the put, then the ping (which always asks)
+    assert s.stats()["errors"] == 2  # an outage of the back shows at the top level too
 
 
 # --------------------------------------------------------------------------------------------------- URLs
