@@ -3,9 +3,10 @@ OpenAI-compatible endpoints where clients send fields kvrag ignores); responses 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rag.generation.generator import MODES
 
@@ -25,10 +26,40 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _check_values(value: Any) -> None:
+    """Python's JSON parser lets through what the models, tokenizers and SQLite's JSON cannot take:
+    lone surrogates (an escaped half of a UTF-16 pair) in strings, and NaN or Infinity."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text holds a lone surrogate (\\ud800-\\udfff): send valid Unicode") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_values(k)
+            _check_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_values(v)
+
+
+class _Request(BaseModel):
+    """A whole request body: every string and number in it is checked once, before validation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_values(cls, data: Any) -> Any:
+        _check_values(data)
+        return data
+
+
 # ---------------------------------------------------------------------------------- embeddings
 
 
-class EmbeddingsRequest(_Open):
+class EmbeddingsRequest(_Open, _Request):
     input: str | list[str] = Field(description="a text or a list of texts")
     model: str | None = Field(None, description="encoder spec; default: the served encoder")
     dimensions: int | None = Field(None, ge=1, description="Matryoshka truncation (then re-normalised)")
@@ -72,7 +103,7 @@ class EmbeddingsResponse(BaseModel):
 # ---------------------------------------------------------------------------------- collections
 
 
-class CollectionCreate(_Strict):
+class CollectionCreate(_Strict, _Request):
     name: str = Field(description="1-64 letters, digits, '_' or '-'")
     encoder: str | None = None
     precision: Precision | None = Field(None, description="index precision; picks the spec Flat/SQ8/BFlat")
@@ -105,12 +136,14 @@ class DocumentIn(_Strict):
     text: str
     title: str | None = None
     source: str | None = None
-    kind: Literal["text", "code"] = "text"
+    kind: Literal["text", "code", "python"] = Field(
+        "text", description="python is split into functions and classes; other code into line windows"
+    )
     lang: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class DocumentsUpsert(_Strict):
+class DocumentsUpsert(_Strict, _Request):
     documents: list[DocumentIn] = Field(min_length=1)
     kv: bool = Field(True, description="compute the new passages' KV caches now")
 
@@ -148,7 +181,7 @@ class DocumentOut(BaseModel):
     passages: list[PassageOut]
 
 
-class SearchRequest(_Strict):
+class SearchRequest(_Strict, _Request):
     query: str
     k: int = Field(10, ge=1)
     filter: Filter | None = None
@@ -190,7 +223,7 @@ class ChatMessage(_Open):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatRequest(_Open):
+class ChatRequest(_Open, _Request):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
@@ -198,7 +231,7 @@ class ChatRequest(_Open):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     frequency_penalty: float | None = None
     # extensions

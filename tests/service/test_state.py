@@ -19,7 +19,9 @@ def test_search_sees_documents_indexed_by_a_job(client, collection, shared_state
     job = Collection.open(shared_state.home, collection)  # as `kvrag index` would, in its own process
     try:
         encoder = load_encoder(shared_state.settings.encoder_config(job.config.encoder))
-        doc = Document("lighthouse", "Orsolya kept the lighthouse of Varna for forty years.", title="Lighthouse")
+        doc = Document(
+            "lighthouse", "Orsolya kept the lighthouse of Varna for forty years.", title="Lighthouse"
+        )
         index_documents(job, iter([doc]), encoder)
     finally:
         job.close()
