@@ -80,6 +80,14 @@ _LIBRARY = [
 ]
 
 
+def classify(exc: KvragError) -> tuple[int, str]:
+    """The HTTP status and error type of a library error."""
+    for cls, status, type_ in _LIBRARY:
+        if isinstance(exc, cls):
+            return status, type_
+    return 400, "invalid_request_error"
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):
@@ -87,10 +95,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(KvragError)
     async def _library(_: Request, exc: KvragError):
-        for cls, status, type_ in _LIBRARY:
-            if isinstance(exc, cls):
-                return error_response(status, str(exc), type_)
-        return error_response(400, str(exc), "invalid_request_error")
+        status, type_ = classify(exc)
+        return error_response(status, str(exc), type_)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

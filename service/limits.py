@@ -31,8 +31,13 @@ class BodyLimitMiddleware:
                 try:
                     size = int(value)
                 except ValueError:
-                    size = None
-                if size is None or size > self.max_bytes:
+                    size = -1
+                if size < 0:
+                    await error_response(
+                        400, "the Content-Length header is not a byte count", "invalid_request_error"
+                    )(scope, receive, send)
+                    return
+                if size > self.max_bytes:
                     await self._too_large(size)(scope, receive, send)
                     return
         # No Content-Length (chunked): read the body up to the limit first, then replay it.

@@ -22,7 +22,7 @@ from encoders.errors import KvragError
 from rag.generation.generator import SamplingParams, TokenEvent
 from rag.pipeline import RagAnswer, RagPipeline
 from service.deps import State
-from service.errors import ApiError, LimitExceeded
+from service.errors import ApiError, LimitExceeded, classify
 from service.routers.collections import check_k, check_query
 from service.schemas import (
     AssistantMessage,
@@ -36,6 +36,7 @@ from service.state import AppState
 
 router = APIRouter(tags=["chat"])
 log = logging.getLogger("kvrag.service")
+MIN_TEMPERATURE = 1e-3
 
 
 def _question(body: ChatRequest) -> str:
@@ -81,7 +82,8 @@ def _sampling(state: AppState, body: ChatRequest) -> SamplingParams:
         raise ApiError(422, "stop takes up to 4 non-empty strings")
     return SamplingParams(
         max_new_tokens=max_tokens,
-        temperature=body.temperature,
+        # below this, dividing float32 logits by the temperature overflows; it is greedy in effect anyway
+        temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
         top_p=body.top_p,
         seed=body.seed,
         stop=stop,
@@ -141,8 +143,15 @@ async def chat_completions(body: ChatRequest, state: State):
             kvrag=_extension(answer, name),
         )
 
-    # Streaming: a full queue is still a plain 503 before the 200 goes out.
+    # Streaming: a full queue or a bad filter is still a plain 503 or 422 before the 200 goes out.
     state.gate.check()
+    if body.filter:
+
+        def check_filter() -> None:
+            with state.lock(name):
+                pipe.collection.store.filter_ids(body.filter)
+
+        await run_in_threadpool(check_filter)
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         payload = {
@@ -191,13 +200,13 @@ async def chat_completions(body: ChatRequest, state: State):
             yield "data: [DONE]\n\n"
         except Exception as exc:  # the status line is sent: report in-band, no trace
             if isinstance(exc, ApiError):
-                message = exc.message
+                message, type_ = exc.message, exc.type
             elif isinstance(exc, KvragError):
-                message = str(exc)
+                message, type_ = str(exc), classify(exc)[1]
             else:
-                message = "internal server error"
+                message, type_ = "internal server error", "server_error"
                 log.exception("error while streaming an answer")
-            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': message, 'type': type_}})}\n\n"
         finally:
             if it is not None:
                 await anyio.to_thread.run_sync(it.close)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from encoders.errors import CollectionNotFoundError
-from index.collection import Collection, CollectionConfig, validate_name
+from index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, validate_name
+from index.hybrid import BM25Index
 from index.job import Document, index_documents
 from index.vector import parse_spec
 from service.deps import State
@@ -56,8 +57,19 @@ async def list_collections(state: State) -> CollectionList:
 async def create_collection(body: CollectionCreate, state: State) -> CollectionInfo:
     validate_name(body.name)
     encoder = body.encoder or state.settings.encoder
-    state.encoder(encoder)  # served here? loaded once
+    enc = state.encoder(encoder)  # served here? loaded once
+    # options the first upsert would trip over: refuse them now, not after the collection exists
+    if body.overlap_tokens >= body.max_tokens:
+        raise ApiError(
+            422, f"overlap_tokens ({body.overlap_tokens}) must be below max_tokens ({body.max_tokens})"
+        )
+    if body.dim is not None and body.dim > enc.dim:
+        raise ApiError(422, f"dim is {body.dim}; {encoder} has {enc.dim} dimensions")
+    _check_bm25_language(body.bm25_language)
     spec = body.spec or _SPEC_OF[body.precision or "float32"]
+    dim = body.dim or enc.dim
+    if parse_spec(spec).precision == "ubinary" and dim % 8:
+        raise ApiError(422, f"{spec} stores sign bits 8 per byte: dim must be a multiple of 8, not {dim}")
     if body.spec and body.precision and parse_spec(body.spec).precision != body.precision:
         raise ApiError(422, f"spec {body.spec!r} is {parse_spec(body.spec).precision}, not {body.precision}")
     if body.name in Collection.list(state.home):
@@ -74,6 +86,20 @@ async def create_collection(body: CollectionCreate, state: State) -> CollectionI
         c = Collection.create(state.home, body.name, config)
         state.add_collection(c)
     return info(c)
+
+
+def _check_bm25_language(language: str | None) -> None:
+    if not language:
+        return
+    try:
+        BM25Index(language).build([0], ["probe"])
+    except KeyError:  # PyStemmer has no such algorithm
+        import Stemmer
+
+        raise ApiError(
+            422,
+            f"bm25_language {language!r} has no Snowball stemmer: use one of {', '.join(Stemmer.algorithms())}",
+        ) from None
 
 
 @router.get("/{name}", response_model=CollectionInfo)
@@ -197,6 +223,10 @@ def check_query(state: AppState, text: str, what: str = "the query") -> None:
         raise LimitExceeded(
             f"{what} length in characters", len(text), state.settings.max_input_chars, "max_input_chars"
         )
+    if len(text) > MAX_QUERY_CHARS:  # the index's own cap, below the setting's default
+        raise ApiError(
+            422, f"{what} is {len(text)} characters; a search query takes at most {MAX_QUERY_CHARS}"
+        )
 
 
 @router.post("/{name}/search", response_model=SearchResponse)
@@ -219,10 +249,13 @@ async def search(name: str, body: SearchRequest, state: State) -> SearchResponse
             hits = c.search(
                 body.query, encoder, k=body.k, filter=body.filter, hybrid=body.hybrid, rescore=body.rescore
             )
-            return hits, (time.perf_counter() - t0) * 1000
+            ms = (time.perf_counter() - t0) * 1000
+            # a hit's metadata: its document's, overridden by the passage's own (as filters match them)
+            docs = {h.doc_id: (c.store.get_document(h.doc_id) or {}).get("metadata") or {} for h in hits}
+            return hits, docs, ms
 
     async with state.gate.slot():
-        hits, ms = await run_in_threadpool(work)
+        hits, doc_meta, ms = await run_in_threadpool(work)
     return SearchResponse(
         collection=name,
         query=body.query,
@@ -241,7 +274,7 @@ async def search(name: str, body: SearchRequest, state: State) -> SearchResponse
                 end=h.end,
                 lang=h.lang,
                 kind=h.kind,
-                metadata=h.metadata,
+                metadata={**doc_meta[h.doc_id], **h.metadata},
             )
             for i, h in enumerate(hits)
         ],
