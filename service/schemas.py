@@ -153,6 +153,9 @@ class UpsertResult(BaseModel):
     added: int
     replaced: int
     unchanged: int
+    emptied: list[str] = Field(
+        default_factory=list, description="ids whose text was empty: not stored (removed if they existed)"
+    )
     passages_added: int
     passages_removed: int
     documents: int

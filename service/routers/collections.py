@@ -141,6 +141,7 @@ def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResu
         added=report.added,
         replaced=report.replaced,
         unchanged=report.unchanged,
+        emptied=[s.removesuffix(" (empty)") for s in report.skipped_files if s.endswith(" (empty)")],
         passages_added=report.passages_added,
         passages_removed=report.passages_removed,
         documents=report.documents,

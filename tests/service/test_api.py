@@ -273,6 +273,18 @@ def test_upsert_without_kv(client):
     assert out["kv_computed"] == 0 and out["kv_present"] == 0
 
 
+def test_upsert_reports_emptied_documents(client):
+    name = create(client)["name"]
+    first = upsert(
+        client, name, [{"id": "a", "text": "Alpha text."}, {"id": "b", "text": "Beta text."}]
+    ).json()
+    assert first["added"] == 2 and first["emptied"] == []
+    out = upsert(client, name, [{"id": "a", "text": "   "}, {"id": "c", "text": ""}]).json()
+    assert sorted(out["emptied"]) == ["a", "c"]
+    assert out["documents"] == 1  # "a" was removed, "c" never stored
+    assert client.get(f"/v1/collections/{name}/documents/a").status_code == 404
+
+
 def test_upsert_duplicate_ids_is_422(client):
     name = create(client)["name"]
     r = upsert(client, name, [{"id": "a", "text": "one"}, {"id": "a", "text": "two"}])
