@@ -344,6 +344,14 @@ def decode_kv(
     off += 4 * nk
     vscale = _section(mv, off, nv, torch.float16, "<f2").view(layers, kv_heads, tokens)
     vmin = _section(mv, off + 2 * nv, nv, torch.float16, "<f2").view(layers, kv_heads, tokens)
+    if out is not None and out[0].is_cuda and out[1].device == out[0].device:
+        # Destination on the GPU: move the compressed codes and scales (1 byte per value instead of 4)
+        # and dequantise there, straight into `out`, with the fused Triton kernel.
+        from kernels.kv_dequant import kv_dequant
+
+        dev = out[0].device
+        parts = [t.to(dev) for t in (kq, kscale, kmin, vq, vscale, vmin)]
+        return kv_dequant(*parts, out=out)
     keys, values = dequantize_int8_reference(kq, kscale, kmin, vq, vscale, vmin, dtype)
     if out is not None:
         out[0].copy_(keys)
