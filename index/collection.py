@@ -84,10 +84,24 @@ def validate_name(name: str) -> str:
 
 
 class Collection:
-    """Passage store + vector index + BM25 of one collection, kept consistent by `commit()`."""
+    """Passage store + vector index + BM25 of one collection, kept consistent by `commit()`.
 
-    def __init__(self, folder: Path, name: str, config: CollectionConfig, store: PassageStore):
+    `device` (e.g. the `device` setting) is handed to the vector index only when it names a CUDA
+    device, where a BFlat index then scans its codes with the Hamming top-k kernel; on CPU the index
+    keeps its defaults.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        config: CollectionConfig,
+        store: PassageStore,
+        *,
+        device: str | None = None,
+    ):
         self.folder, self.name, self.config, self.store = folder, name, config, store
+        self.device = device if device is not None and str(device).startswith("cuda") else None
         self._index: VectorIndex | None = None
         self._bm25: BM25Index | None = None
         self.bm25_dirty = False
@@ -98,7 +112,9 @@ class Collection:
         return Path(home) / "collections" / validate_name(name)
 
     @classmethod
-    def create(cls, home: Path, name: str, config: CollectionConfig) -> Collection:
+    def create(
+        cls, home: Path, name: str, config: CollectionConfig, *, device: str | None = None
+    ) -> Collection:
         folder = cls.folder_for(home, name)
         if (folder / "passages.sqlite").exists():
             raise InvalidInputError(
@@ -110,10 +126,10 @@ class Collection:
         folder.mkdir(parents=True, exist_ok=True)
         store = PassageStore(folder / "passages.sqlite")
         store.set_collection(name, asdict(config))
-        return cls(folder, name, config, store)
+        return cls(folder, name, config, store, device=device)
 
     @classmethod
-    def open(cls, home: Path, name: str) -> Collection:
+    def open(cls, home: Path, name: str, *, device: str | None = None) -> Collection:
         folder = cls.folder_for(home, name)
         if not (folder / "passages.sqlite").exists():
             raise CollectionNotFoundError(
@@ -122,14 +138,17 @@ class Collection:
         store = PassageStore(folder / "passages.sqlite")
         raw = store.collection_config() or {}
         known = CollectionConfig.__dataclass_fields__
-        return cls(folder, name, CollectionConfig(**{k: v for k, v in raw.items() if k in known}), store)
+        config = CollectionConfig(**{k: v for k, v in raw.items() if k in known})
+        return cls(folder, name, config, store, device=device)
 
     @classmethod
-    def open_or_create(cls, home: Path, name: str, config: CollectionConfig) -> Collection:
+    def open_or_create(
+        cls, home: Path, name: str, config: CollectionConfig, *, device: str | None = None
+    ) -> Collection:
         try:
-            return cls.open(home, name)
+            return cls.open(home, name, device=device)
         except CollectionNotFoundError:
-            return cls.create(home, name, config)
+            return cls.create(home, name, config, device=device)
 
     @staticmethod
     def list(home: Path) -> list[str]:
@@ -154,7 +173,7 @@ class Collection:
     @property
     def index(self) -> VectorIndex | None:
         if self._index is None and (self.folder / "vectors" / "manifest.json").exists():
-            self._index = VectorIndex.load(self.folder / "vectors")
+            self._index = VectorIndex.load(self.folder / "vectors", device=self.device)
         return self._index
 
     def ensure_index(self, dim: int) -> VectorIndex:
@@ -166,6 +185,7 @@ class Collection:
                 encoder=self.config.encoder,
                 rescore_with=self.config.rescore_with,
                 binary_method=self.config.binary_method,
+                device=self.device,
             )
         if self._index.dim != dim:
             raise DimensionMismatchError(

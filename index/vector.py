@@ -13,6 +13,12 @@ candidates, exact search under metadata filters, and re-quantisation. FAISS labe
 caller's ids. Deleting marks the row in that map and searches skip marked rows with a FAISS
 IDSelector, so neither adding nor deleting rebuilds the index.
 
+The exhaustive scan of a `BFlat` index can run on the project's Hamming top-k kernel instead of
+FAISS (`scan="kernel"`, the default when the index is given a CUDA `device`): the packed codes of the
+live rows are then also kept as a torch tensor on that device, and `kernels.hamming_topk` answers the
+candidate step. Both scans return the same rows in the same order (ascending Hamming distance, lower
+row first on ties), so rescoring and results do not depend on the choice; it is not saved.
+
 Saving is crash-safe: data files of generation g+1 are written beside those of g, then the manifest
 is atomically replaced; a crash at any point leaves generation g readable.
 """
@@ -25,7 +31,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import faiss
 import numpy as np
@@ -41,10 +47,14 @@ from encoders.compress import (
 from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
 from index.atomic import fsync_dir, write_json, write_npy, write_with
 
+if TYPE_CHECKING:  # torch is imported only when a kernel scan is used
+    import torch
+
 MANIFEST = "manifest.json"
 _TEMP_FILE = re.compile(r"\.(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)\..+\.tmp")
 _GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)")
 FORMAT_VERSION = 1
+SCANS: tuple[str, ...] = ("faiss", "kernel")
 _SPEC_RE = re.compile(
     r"^(?:(?P<flat>Flat)|HNSW(?P<hnsw>\d+)(?P<hnsq>,SQ8)?|(?P<sq>SQ8)|(?P<bflat>BFlat)"
     r"|BHNSW(?P<bhnsw>\d+)|BIVF(?P<bivf>\d+))$"
@@ -64,6 +74,28 @@ class IndexSpec:
         if self.family in ("bflat", "bhnsw", "bivf"):
             return "ubinary"
         return "int8" if self.family in ("sq8", "hnsw_sq8") else "float32"
+
+
+def resolve_scan(spec: IndexSpec, device: str | None, scan: str | None) -> tuple[str, str]:
+    """(device, scan) of an index: `scan=None` picks the kernel for BFlat on an available CUDA device
+    and FAISS otherwise; the kernel is only offered for BFlat (the other binary indexes are not
+    exhaustive scans)."""
+    if scan is not None and scan not in SCANS:
+        raise InvalidInputError(f"scan must be one of {', '.join(SCANS)}, not {scan!r}")
+    if scan == "kernel" and spec.family != "bflat":
+        raise InvalidInputError(f"scan='kernel' serves BFlat indexes only, not {spec.text}")
+    device = "cpu" if device is None else str(device)
+    if spec.family != "bflat" or (device == "cpu" and scan is None):
+        return device, scan or "faiss"
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidInputError(f"unknown device {device!r} ({exc})") from exc
+    if scan is None:
+        scan = "kernel" if parsed.type == "cuda" and torch.cuda.is_available() else "faiss"
+    return device, scan
 
 
 def parse_spec(spec: str) -> IndexSpec:
@@ -163,7 +195,11 @@ class VectorIndex:
         encoder: str = "",
         rescore_with: str = "float32",
         binary_method: str = "itq",
+        device: str | None = None,
+        scan: str | None = None,
     ):
+        """`device` and `scan` choose how a BFlat index scans its codes (see `resolve_scan`); other
+        specs keep the FAISS search whatever the device."""
         self.spec = parse_spec(spec)
         if dim <= 0 or (self.spec.precision == "ubinary" and dim % 8):
             raise DimensionMismatchError(
@@ -190,6 +226,9 @@ class VectorIndex:
         self.generation = 0
         self.ef_search = 64
         self.nprobe = max(1, self.spec.param // 8) if self.spec.family == "bivf" else 1
+        self.device, self.scan = resolve_scan(self.spec, device, scan)
+        # Kernel scan: (codes of the live rows on `device`, their rows or None when every row is live).
+        self._scan_codes: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # -- construction -------------------------------------------------------------------------
     def _new_faiss(self):
@@ -286,10 +325,13 @@ class VectorIndex:
         rows = np.arange(start, start + len(x), dtype=np.int64)
         if self.index.ntotal != self._faiss_rows():
             raise CorruptIndexError("the FAISS index and its id map disagree: rebuild the index")
+        encoded = self._encode_for_index(x)
         if self.spec.family == "bivf":
-            self.index.add_with_ids(self._encode_for_index(x), rows)
+            self.index.add_with_ids(encoded, rows)
         else:
-            self.index.add(self._encode_for_index(x))  # sequential labels == row numbers
+            self.index.add(encoded)  # sequential labels == row numbers
+        if self._scan_codes is not None:
+            self._scan_append(encoded, rows)
         self.floats.append(x)
         if self.codes is not None:
             self.codes.append(quantize_int8(x, self.int8))
@@ -309,6 +351,8 @@ class VectorIndex:
         if self.spec.family == "bivf":  # inverted lists store labels, so removal renumbers nothing
             self.index.remove_ids(rows)
         self._selector = None
+        if self._scan_codes is not None:
+            self._scan_drop(rows)
         return len(rows)
 
     def _faiss_rows(self) -> int:
@@ -361,12 +405,67 @@ class VectorIndex:
         return params
 
     def _raw_search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.scan == "kernel":
+            return self._kernel_search(q, n)
         params = self._params(n)
         if self.spec.precision == "ubinary":
             dist, rows = self.index.search(quantize_ubinary(q, self.binary), n, params=params)
             return (1.0 - 2.0 * dist.astype(np.float32) / self.dim), rows
         scores, rows = self.index.search(q, n, params=params)
         return scores.astype(np.float32), rows
+
+    # -- kernel scan (BFlat) ----------------------------------------------------------------------
+    def _kernel_search(self, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`_raw_search` by the Hamming top-k kernel: what `IndexBinaryFlat` with the deleted-row
+        selector returns (int32 max and -1 past the live rows), converted to the same scores."""
+        import torch
+
+        from kernels.hamming_topk import PAD_DISTANCE, PAD_INDEX, hamming_topk
+
+        codes, rows_of = self._live_codes()
+        if len(codes) == 0:
+            dist = np.full((len(q), n), PAD_DISTANCE, dtype=np.int32)
+            rows = np.full((len(q), n), PAD_INDEX, dtype=np.int64)
+        else:
+            queries = torch.from_numpy(quantize_ubinary(q, self.binary)).to(codes.device)
+            dist_t, pos = hamming_topk(queries, codes, n)
+            if rows_of is not None:  # live positions -> rows; increasing, so ties keep their order
+                pos = torch.where(pos >= 0, rows_of[pos.clamp(min=0)], pos)
+            dist, rows = dist_t.cpu().numpy(), pos.cpu().numpy()
+        return (1.0 - 2.0 * dist.astype(np.float32) / self.dim), rows
+
+    def _live_codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The packed codes of the live rows on `device` (and their rows, None when no row is
+        deleted): copied from the FAISS index on first use, then kept in step by add and remove."""
+        if self._scan_codes is None or len(self._scan_codes[0]) != self.ntotal:
+            import torch
+
+            codes = self.index.reconstruct_n(0, self.index.ntotal)
+            live = self.row_ids >= 0
+            rows_of = None
+            if not live.all():
+                codes = codes[live]
+                rows_of = torch.from_numpy(np.flatnonzero(live).astype(np.int64)).to(self.device)
+            self._scan_codes = (torch.from_numpy(np.ascontiguousarray(codes)).to(self.device), rows_of)
+        return self._scan_codes
+
+    def _scan_append(self, encoded: np.ndarray, rows: np.ndarray) -> None:
+        import torch
+
+        codes, rows_of = self._scan_codes
+        new = torch.from_numpy(np.ascontiguousarray(encoded)).to(codes.device)
+        if rows_of is not None:
+            rows_of = torch.cat([rows_of, torch.from_numpy(rows).to(rows_of.device)])
+        self._scan_codes = (torch.cat([codes, new]), rows_of)
+
+    def _scan_drop(self, rows: np.ndarray) -> None:
+        import torch
+
+        codes, rows_of = self._scan_codes
+        if rows_of is None:  # every row was live: positions are rows
+            rows_of = torch.arange(len(codes), dtype=torch.int64, device=codes.device)
+        keep = ~torch.isin(rows_of, torch.from_numpy(rows).to(rows_of.device))
+        self._scan_codes = (codes[keep], rows_of[keep])
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
@@ -485,8 +584,11 @@ class VectorIndex:
         return folder
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> VectorIndex:
-        """Open a saved index; raises CorruptIndexError when its files cannot be read back."""
+    def load(
+        cls, directory: str | os.PathLike, *, device: str | None = None, scan: str | None = None
+    ) -> VectorIndex:
+        """Open a saved index; raises CorruptIndexError when its files cannot be read back. `device`
+        and `scan` are as for the constructor (they are not part of the saved index)."""
         folder = Path(directory)
         m = _read_manifest(folder)
         try:
@@ -528,6 +630,8 @@ class VectorIndex:
             raise CorruptIndexError(
                 f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`"
             )
+        # after the checks: a bad device or scan is the caller's error, not a corrupt index
+        self.device, self.scan = resolve_scan(self.spec, device, scan)
         self.directory = folder
         return self
 

@@ -52,7 +52,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         overlap_tokens=args.overlap_tokens,
         bm25_language=args.bm25_language,
     )
-    collection = Collection.open_or_create(settings.root, args.collection, config)
+    collection = Collection.open_or_create(settings.root, args.collection, config, device=settings.device)
     try:
         encoder = load_encoder(settings.encoder_config(collection.config.encoder))
         report = index_paths(
@@ -112,7 +112,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         flt = json.loads(args.filter) if args.filter else None
     except json.JSONDecodeError as exc:
         raise KvragError(f"--filter is not valid JSON: {exc.msg}") from exc
-    collection = Collection.open(settings.root, args.collection)
+    collection = Collection.open(settings.root, args.collection, device=settings.device)
     try:
         if not args.search_only:
             return _answer(settings, collection, args, flt)

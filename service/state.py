@@ -91,7 +91,9 @@ class AppState:
             if current is not None and self._stamps.get(name) != stamp:
                 current = None  # not closed: a request may still use it; its connection closes when freed
             if current is None:
-                current = self._collections[name] = Collection.open(self.home, name)
+                current = self._collections[name] = Collection.open(
+                    self.home, name, device=self.settings.device
+                )
                 self._stamps[name] = stamp
                 self._locks.setdefault(name, threading.Lock())
             return current

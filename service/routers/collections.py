@@ -83,7 +83,7 @@ async def create_collection(body: CollectionCreate, state: State) -> CollectionI
         bm25_language=body.bm25_language,
     )
     with state.lock(body.name):
-        c = Collection.create(state.home, body.name, config)
+        c = Collection.create(state.home, body.name, config, device=state.settings.device)
         state.add_collection(c)
     return info(c)
 
