@@ -1,4 +1,4 @@
-"""Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, tiers)."""
+"""Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, Redis Cluster, tiers)."""
 
 from rag.kvcache.codec import (
     CODECS,
@@ -13,6 +13,7 @@ from rag.kvcache.store import (
     FileStore,
     KVStore,
     MemoryStore,
+    RedisClusterStore,
     RedisStore,
     TieredStore,
     open_kv_store,
@@ -25,6 +26,7 @@ __all__ = [
     "FileStore",
     "KVStore",
     "MemoryStore",
+    "RedisClusterStore",
     "RedisStore",
     "TieredStore",
     "blob_info",

@@ -1,4 +1,5 @@
-"""Byte-blob stores for KV caches, opened by URL: memory (LRU), files, Redis, and a memory tier in front.
+"""Byte-blob stores for KV caches, opened by URL: memory (LRU), files, Redis, Redis Cluster, and a memory
+tier in front.
 
 Every store is a cache: a backend failure never raises from get/put/exists/delete. It is logged on the
 "kvrag.kvcache" logger, counted in ``errors``, and reads report the keys as missing (None). Counters
@@ -13,6 +14,9 @@ URLs accepted by `open_kv_store`::
     rediss://...   unix:///path/redis.sock?db=0&...
     memory+file:///abs/path?mem_bytes=512M      memory LRU in front of a file store
     memory+redis://host:port/0?mem_bytes=1G     memory LRU in front of Redis
+    redis-cluster://[:password@]host:port[,host:port...]?timeout=0.5&ttl=SECONDS&prefix=STR&retry_after=2
+                                                Redis Cluster (any reachable node finds the others)
+    memory+redis-cluster://host:port,...?mem_bytes=1G   memory LRU in front of Redis Cluster
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -41,7 +45,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNOREC
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _ACCEPTED = (
     "memory://?max_bytes=1G, file:///abs/path, redis://[:password@]host:port/db?ttl=..&prefix=.., "
-    "rediss://..., unix:///path.sock, memory+file:///abs/path, memory+redis://host:port/db?mem_bytes=1G"
+    "rediss://..., unix:///path.sock, redis-cluster://host:port[,host:port...]?ttl=..&prefix=.., "
+    "memory+file:///abs/path, memory+redis://host:port/db?mem_bytes=1G, memory+redis-cluster://host:port,..."
 )
 
 
@@ -329,6 +334,21 @@ def _float_param(name: str, value: str, *, minimum: float, strict: bool) -> floa
     return out
 
 
+def _own_params(own: Mapping[str, str]) -> tuple[float, float, int | None, str]:
+    """(timeout, retry_after, ttl, prefix) from a Redis URL's store parameters."""
+    timeout = _float_param("timeout", own.get("timeout", "0.5"), minimum=0.0, strict=True)
+    retry_after = _float_param("retry_after", own.get("retry_after", "2.0"), minimum=0.0, strict=False)
+    ttl: int | None = None
+    if "ttl" in own:
+        try:
+            ttl = int(own["ttl"])
+        except ValueError:
+            ttl = 0
+        if ttl <= 0:
+            raise InvalidInputError(f"Redis URL parameter ttl={own['ttl']!r} must be a positive integer")
+    return timeout, retry_after, ttl, own.get("prefix", "")
+
+
 class RedisStore(KVStore):
     """Redis via redis-py (hiredis parser). A batch get is one MGET; a batch put one pipeline of SETs.
 
@@ -360,19 +380,7 @@ class RedisStore(KVStore):
             else:
                 allowed = ", ".join(sorted((*_REDIS_OWN_PARAMS, *_REDIS_PASS_PARAMS)))
                 raise InvalidInputError(f"unknown Redis URL parameter {name!r}; accepted: {allowed}")
-        self.timeout = _float_param("timeout", own.get("timeout", "0.5"), minimum=0.0, strict=True)
-        self.retry_after = _float_param(
-            "retry_after", own.get("retry_after", "2.0"), minimum=0.0, strict=False
-        )
-        self.ttl: int | None = None
-        if "ttl" in own:
-            try:
-                self.ttl = int(own["ttl"])
-            except ValueError:
-                self.ttl = 0
-            if self.ttl <= 0:
-                raise InvalidInputError(f"Redis URL parameter ttl={own['ttl']!r} must be a positive integer")
-        self.prefix = own.get("prefix", "")
+        self.timeout, self.retry_after, self.ttl, self.prefix = _own_params(own)
         super().__init__(redact_url(url))
         client_url = _unsplit(parts._replace(query=urlencode(passed)))
         try:
@@ -489,6 +497,435 @@ class RedisStore(KVStore):
             self._client.close()
         except self._errors as exc:  # closing a dead connection is not worth an exception
             log.debug("closing Redis KV store %s: %s", self.url, exc)
+
+
+_CLUSTER_PASS_PARAMS = ("username", "password", "client_name", "max_connections")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _cluster_nodes(url: str, hosts: str) -> list[tuple[str, int]]:
+    """[(host, port), ...] from "h1:p1,h2:p2,[::1]:p3" (port 6379 where none is given)."""
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if item.startswith("["):
+            host, close, rest = item[1:].partition("]")
+            if not close or (rest and not rest.startswith(":")):
+                raise InvalidInputError(f"bad node {item!r} in {redact_url(url)!r}")
+            port_text = rest[1:]
+        else:
+            host, sep, port_text = item.rpartition(":")
+            if not sep:
+                host, port_text = item, ""
+        if not host:
+            raise InvalidInputError(
+                f"Redis Cluster URL {redact_url(url)!r} needs host:port[,host:port...] nodes"
+            )
+        try:
+            port = int(port_text) if port_text else 6379
+        except ValueError:
+            port = 0
+        if not 0 < port < 65536:
+            raise InvalidInputError(f"bad port {port_text!r} for node {host!r} in {redact_url(url)!r}")
+        nodes.append((host, port))
+    return nodes
+
+
+class _Plan:
+    """One batch routed to nodes: key bytes, their slots, and the key positions per node to ask."""
+
+    __slots__ = ("keys", "slots", "groups")
+
+    def __init__(self, keys: list[bytes], slots: list[int]) -> None:
+        self.keys = keys
+        self.slots = slots
+        self.groups: dict[str, tuple[Any, list[int]]] = {}
+
+    def by_slot(self, positions: Sequence[int]) -> list[list[int]]:
+        """`positions` grouped by hash slot (a multi-key command must stay within one slot)."""
+        out: dict[int, list[int]] = {}
+        for i in positions:
+            out.setdefault(self.slots[i], []).append(i)
+        return list(out.values())
+
+
+class RedisClusterStore(KVStore):
+    """Redis Cluster via redis-py's `RedisCluster` (its slot map and per-node clients).
+
+    A batch is split by the node that owns each key's hash slot; every node gets one pipelined write (an
+    MGET per slot for reads, a SET per key for writes) and every node is written to before any reply is
+    read, so a batch costs one round trip per node touched, the nodes working at the same time.
+    ``round_trips`` counts those per-node pipelines.
+
+    A node that fails (connection refused, timeout, CLUSTERDOWN) costs an error and is skipped for
+    `retry_after` seconds: its keys read as missing, its writes are dropped (``skipped`` counts the
+    skipped node batches), while keys on the other nodes are served as usual. When a skipped node's
+    back-off ends, the slot map is reloaded (``refreshes``) before the node is tried again, so a
+    replica promoted in its place is found. A MOVED or ASK reply reads as missing and reloads the map
+    before the next call (``redirects``). If no node at all answers for the slot map, the whole store
+    answers as unavailable for `retry_after` seconds, like `RedisStore`.
+    """
+
+    kind = "redis-cluster"
+    _EXTRA_COUNTERS = ("skipped", "round_trips", "refreshes", "redirects")
+
+    def __init__(self, url: str) -> None:
+        import redis
+        from redis.cluster import ClusterNode
+
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise InvalidInputError(f"bad Redis Cluster URL {redact_url(url)!r}: {exc}") from None
+        if parts.scheme != "redis-cluster":
+            raise InvalidInputError(
+                f"not a Redis Cluster URL: {redact_url(url)!r} (use redis-cluster://host:port,...)"
+            )
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        if parts.path not in ("", "/", "/0"):
+            raise InvalidInputError(
+                f"Redis Cluster has one database (0); drop the path {parts.path!r} from {redact_url(url)!r}"
+            )
+        self.nodes = _cluster_nodes(url, hosts)
+        own: dict[str, str] = {}
+        kwargs: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in _REDIS_OWN_PARAMS:
+                own[name] = value
+            elif name == "max_connections":
+                kwargs[name] = int(_float_param(name, value, minimum=1.0, strict=False))
+            elif name in _CLUSTER_PASS_PARAMS:
+                kwargs[name] = value
+            else:
+                allowed = ", ".join(sorted((*_REDIS_OWN_PARAMS, *_CLUSTER_PASS_PARAMS)))
+                raise InvalidInputError(f"unknown Redis Cluster URL parameter {name!r}; accepted: {allowed}")
+        if at:
+            user, sep, password = userinfo.partition(":")
+            if user:
+                kwargs["username"] = unquote(user)
+            if sep:
+                kwargs["password"] = unquote(password)
+        self.timeout, self.retry_after, self.ttl, self.prefix = _own_params(own)
+        super().__init__(redact_url(url))
+        kwargs.update(socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+        self._client_kwargs = kwargs
+        self._startup = [ClusterNode(host, port) for host, port in self.nodes]
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._down_until = 0.0  # no node answered for the slot map: everything is a miss until then
+        self._node_down: dict[str, float] = {}  # node name -> end of its back-off
+        self._stale = False  # the slot map is to be reloaded before the next batch
+        exc = redis.exceptions
+        self._errors: tuple[type[BaseException], ...] = (exc.RedisError, exc.RedisClusterException, OSError)
+        self._down: tuple[type[BaseException], ...] = (
+            exc.ConnectionError,
+            exc.TimeoutError,
+            exc.ClusterDownError,
+            OSError,
+        )
+        self._redirect: tuple[type[BaseException], ...] = (exc.AskError,)  # MovedError is one too
+        self._uncovered: type[BaseException] = exc.SlotNotCoveredError
+
+    # ------------------------------------------------------------------------------------ cluster state
+
+    def _cluster(self, *, force: bool = False) -> Any:
+        """The client (built, with its slot map, on first use), or None while the cluster is unreachable."""
+        if not force and not self._available():
+            return None
+        if self._client is not None:
+            return self._client
+        from redis.backoff import NoBackoff
+        from redis.cluster import RedisCluster
+        from redis.retry import Retry
+
+        with self._client_lock:
+            if self._client is None:
+                self._count(refreshes=1)
+                try:
+                    self._client = RedisCluster(
+                        startup_nodes=list(self._startup),
+                        require_full_coverage=False,
+                        retry=Retry(NoBackoff(), 0),
+                        **self._client_kwargs,
+                    )
+                except self._errors as exc:
+                    self._cluster_failed("slot map", exc)
+                    return None
+        return self._client
+
+    def _available(self) -> bool:
+        if time.monotonic() < self._down_until:
+            self._count(skipped=1)
+            return False
+        return True
+
+    def _cluster_failed(self, op: str, exc: BaseException) -> None:
+        self._count(errors=1)
+        self._down_until = time.monotonic() + self.retry_after
+        log.warning(
+            "Redis Cluster KV store %s unavailable (%s: %s: %s); treating it as a miss for %.1f s",
+            self.url,
+            op,
+            type(exc).__name__,
+            exc,
+            self.retry_after,
+        )
+
+    def _reload(self, client: Any, failed_node: str | None = None) -> bool:
+        """Reload the slot map from any node that answers (a failed one last)."""
+        self._count(refreshes=1)
+        try:
+            client.nodes_manager.initialize(
+                disconnect_startup_nodes_pools=False, last_failed_node_name=failed_node
+            )
+        except self._errors as exc:
+            self._stale = True
+            self._cluster_failed("slot map reload", exc)
+            return False
+        return True
+
+    def _node_failed(self, op: str, node: str, exc: BaseException) -> None:
+        self._count(errors=1)
+        if isinstance(exc, self._down):
+            with self._state_lock:
+                self._node_down[node] = time.monotonic() + self.retry_after
+            log.warning(
+                "Redis Cluster KV store %s: node %s unavailable (%s: %s: %s); its keys are misses for %.1f s",
+                self.url,
+                node,
+                op,
+                type(exc).__name__,
+                exc,
+                self.retry_after,
+            )
+        else:
+            log.warning(
+                "Redis Cluster KV store %s: %s on node %s failed: %s: %s",
+                self.url,
+                op,
+                node,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _replies(self, op: str, node: str, replies: Sequence[Any]) -> None:
+        """Account for the error replies of one node's pipeline: its first failure (one error, and a
+        back-off if the node is down or refusing) and every redirect (a slot map reload)."""
+        failure = next(
+            (r for r in replies if isinstance(r, Exception) and not isinstance(r, self._redirect)), None
+        )
+        if failure is not None:
+            self._node_failed(op, node, failure)
+        redirects = sum(isinstance(r, self._redirect) for r in replies)
+        if redirects:
+            self._count(redirects=redirects)
+            self._stale = True
+            log.info(
+                "Redis Cluster KV store %s: %d redirect(s) from %s; reloading the slot map",
+                self.url,
+                redirects,
+                node,
+            )
+
+    def _plan(self, keys: Sequence[str]) -> _Plan | None:
+        """Route a batch: None when the cluster is unavailable; nodes in back-off are left out."""
+        from redis.crc import key_slot
+
+        client = self._cluster()
+        if client is None:
+            return None
+        now = time.monotonic()
+        with self._state_lock:
+            expired = [name for name, until in self._node_down.items() if until <= now]
+            for name in expired:
+                del self._node_down[name]
+            stale, self._stale = self._stale or bool(expired), False
+            down = set(self._node_down)
+        if stale and not self._reload(client, expired[0] if expired else None):
+            return None
+        raw = [(self.prefix + k).encode("utf-8", "surrogatepass") for k in keys]
+        plan = _Plan(raw, [key_slot(k) for k in raw])
+        skipped: set[str] = set()
+        uncovered = 0
+        for i, slot in enumerate(plan.slots):
+            try:
+                node = client.nodes_manager.get_node_from_slot(slot)
+            except self._uncovered:
+                uncovered += 1
+                continue
+            if node.name in down:
+                skipped.add(node.name)
+                continue
+            plan.groups.setdefault(node.name, (node, []))[1].append(i)
+        if skipped:
+            self._count(skipped=len(skipped))
+        if uncovered:
+            self._stale = True
+            self._count(errors=1)
+            log.warning("Redis Cluster KV store %s: %d key(s) in slots no node serves", self.url, uncovered)
+        return plan
+
+    def _exchange(
+        self, op: str, plan: _Plan, commands_for: Callable[[list[int]], list[tuple[Any, ...]]]
+    ) -> list[tuple[str, list[int], list[Any]]]:
+        """Send each node of the plan its commands (``commands_for(positions)``) as one pipelined write,
+        all nodes first, then read the replies node by node: one round trip per node, the nodes working
+        at the same time. Returns ``(node, positions, replies)`` for the nodes that answered; a reply may
+        be an error (an exception object). Nodes that failed are logged and counted (and backed off when
+        down)."""
+        from redis.exceptions import ResponseError
+
+        sent: list[tuple[str, list[int], list[tuple[Any, ...]], Any, Any]] = []
+        out: list[tuple[str, list[int], list[Any]]] = []
+        try:
+            for name, (node, positions) in plan.groups.items():
+                client = node.redis_connection
+                commands = commands_for(positions)
+                self._count(round_trips=1)
+                conn = None
+                try:
+                    conn = client.connection_pool.get_connection()
+                    sent.append((name, positions, commands, client, conn))
+                    conn.send_packed_command(conn.pack_commands(commands))
+                except self._errors as exc:
+                    if conn is not None:
+                        sent.pop()
+                        conn.disconnect()
+                        client.connection_pool.release(conn)
+                    self._node_failed(op, name, exc)
+            while sent:
+                name, positions, commands, client, conn = sent[0]
+                replies: list[Any] = []
+                try:
+                    for args in commands:
+                        try:
+                            replies.append(client.parse_response(conn, args[0]))
+                        except ResponseError as exc:
+                            replies.append(exc)
+                except self._errors as exc:
+                    conn.disconnect()
+                    self._node_failed(op, name, exc)
+                else:
+                    self._replies(op, name, replies)
+                    out.append((name, positions, replies))
+                finally:
+                    sent.pop(0)
+                    client.connection_pool.release(conn)
+        finally:
+            for _, _, _, client, conn in sent:  # only after an unexpected exception: unread replies
+                conn.disconnect()
+                client.connection_pool.release(conn)
+        return out
+
+    # ------------------------------------------------------------------------------------------- store
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        keys = _keys(keys)
+        if not keys:
+            return []
+        out: list[bytes | None] = [None] * len(keys)
+        plan = self._plan(keys)
+        if plan is not None:
+
+            def commands(positions: list[int]) -> list[tuple[Any, ...]]:
+                return [("MGET", *(plan.keys[i] for i in group)) for group in plan.by_slot(positions)]
+
+            for _, positions, replies in self._exchange("MGET", plan, commands):
+                for group, reply in zip(plan.by_slot(positions), replies, strict=True):
+                    if not isinstance(reply, Exception):
+                        for i, value in zip(group, reply, strict=True):
+                            out[i] = value
+        self._count_reads(out)
+        return out
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        pairs = _items(items)
+        plan = self._plan([k for k, _ in pairs]) if pairs else None
+        if plan is None:
+            return
+        expire = ("EX", self.ttl) if self.ttl is not None else ()
+
+        def commands(positions: list[int]) -> list[tuple[Any, ...]]:
+            return [("SET", plan.keys[i], pairs[i][1], *expire) for i in positions]
+
+        stored = written = 0
+        for _, positions, replies in self._exchange("SET", plan, commands):
+            for i, reply in zip(positions, replies, strict=True):
+                if not isinstance(reply, Exception):
+                    stored += 1
+                    written += len(pairs[i][1])
+        self._count(puts=stored, bytes_written=written)
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        keys = _keys(keys)
+        out = [False] * len(keys)
+        plan = self._plan(keys) if keys else None
+        if plan is not None:
+            exchanged = self._exchange("EXISTS", plan, lambda pos: [("EXISTS", plan.keys[i]) for i in pos])
+            for _, positions, replies in exchanged:
+                for i, reply in zip(positions, replies, strict=True):
+                    out[i] = not isinstance(reply, Exception) and bool(reply)
+        return out
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        keys = _keys(keys)
+        plan = self._plan(keys) if keys else None
+        if plan is None:
+            return 0
+
+        def commands(positions: list[int]) -> list[tuple[Any, ...]]:
+            return [("DEL", *(plan.keys[i] for i in group)) for group in plan.by_slot(positions)]
+
+        removed = 0
+        for _, _, replies in self._exchange("DEL", plan, commands):
+            removed += sum(int(n) for n in replies if not isinstance(n, Exception))
+        return removed
+
+    def ping(self) -> bool:
+        """Whether every master in the slot map answers and reports ``cluster_state:ok``. Always asks
+        (even during a back-off): it reloads the slot map first, and ends the back-off of each node
+        that answers well (and the store's, when they all do)."""
+        client = self._cluster(force=True)
+        if client is None or not self._reload(client):
+            return False
+        plan = _Plan([], [])
+        plan.groups = {node.name: (node, []) for node in client.get_primaries()}
+        healthy = 0
+        for name, _, replies in self._exchange("CLUSTER INFO", plan, lambda _: [("CLUSTER", "INFO")]):
+            info = replies[0]
+            if isinstance(info, Mapping):
+                info = f"cluster_state:{_text(info.get('cluster_state', info.get(b'cluster_state')))}"
+            if not isinstance(info, Exception) and "cluster_state:ok" in _text(info):
+                healthy += 1
+                with self._state_lock:
+                    self._node_down.pop(name, None)
+        if plan.groups and healthy == len(plan.groups):
+            self._down_until = 0.0
+            return True
+        return False
+
+    def stats(self) -> StoreStats:
+        out = super().stats()
+        now = time.monotonic()
+        out["available"] = int(now >= self._down_until)
+        with self._state_lock:
+            out["nodes_down"] = sorted(name for name, until in self._node_down.items() if until > now)
+        client = self._client
+        out["nodes"] = len(client.get_primaries()) if client is not None else 0
+        return out
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except self._errors as exc:
+                log.debug("closing Redis Cluster KV store %s: %s", self.url, exc)
 
 
 class TieredStore(KVStore):
@@ -613,7 +1050,10 @@ def redact_url(url: str) -> str:
 
 
 def _split_query(url: str) -> tuple[Any, dict[str, str]]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidInputError(f"bad KV store URL {redact_url(url)!r}: {exc}") from None
     params: dict[str, str] = {}
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         if k in params:
@@ -639,9 +1079,10 @@ def open_kv_store(url: str) -> KVStore:
 
     if "+" in scheme:
         front_kind, _, back_scheme = scheme.partition("+")
-        if front_kind != "memory" or back_scheme not in ("file", "redis", "rediss", "unix"):
+        if front_kind != "memory" or back_scheme not in ("file", "redis", "rediss", "unix", "redis-cluster"):
             raise InvalidInputError(
-                f"bad tiered KV store URL {redact_url(url)!r}: write memory+file://... or memory+redis://..."
+                f"bad tiered KV store URL {redact_url(url)!r}: write memory+file://..., memory+redis://... "
+                "or memory+redis-cluster://..."
             )
         back_url = f"{back_scheme}://{rest}"
         parts, params = _split_query(back_url)
@@ -671,6 +1112,9 @@ def open_kv_store(url: str) -> KVStore:
 
     if scheme in ("redis", "rediss", "unix"):
         return RedisStore(url)
+
+    if scheme == "redis-cluster":
+        return RedisClusterStore(url)
 
     raise InvalidInputError(
         f"unknown KV store URL scheme {scheme!r} in {redact_url(url)!r}; accepted: {_ACCEPTED}"
