@@ -56,6 +56,7 @@ class Hit:
     kind: str
     section: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    compressed: str | None = None  # the compressed text the passage KV was computed from, if any
 
     @classmethod
     def from_row(cls, row: PassageRow, score: float) -> Hit:
@@ -72,6 +73,7 @@ class Hit:
             row.kind,
             row.title,
             row.metadata,
+            row.compressed,
         )
 
 

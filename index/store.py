@@ -9,7 +9,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS passages (
     doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
     ord INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL,
     lang TEXT, kind TEXT NOT NULL CHECK (kind IN ('text', 'code')), title TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}', content_hash TEXT NOT NULL);
+    metadata TEXT NOT NULL DEFAULT '{}', content_hash TEXT NOT NULL, compressed TEXT);
+CREATE TABLE IF NOT EXISTS compression (
+    id INTEGER PRIMARY KEY CHECK (id = 1), method TEXT NOT NULL, rate REAL NOT NULL, source TEXT);
 CREATE INDEX IF NOT EXISTS passages_doc ON passages(doc_id);
 CREATE INDEX IF NOT EXISTS documents_source ON documents(source);
 """
@@ -57,6 +59,7 @@ class PassageRow:
     doc_title: str | None
     source: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    compressed: str | None = None  # the compressed text the passage KV is computed from, if any
 
 
 class PassageStore:
@@ -69,6 +72,13 @@ class PassageStore:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database created by an earlier version up to the current schema."""
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(passages)")}
+        if "compressed" not in columns:
+            self.db.execute("ALTER TABLE passages ADD COLUMN compressed TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -183,11 +193,12 @@ class PassageStore:
             chunk = ids[start : start + 500]
             rows = self.db.execute(
                 "SELECT p.id, p.doc_id, p.ord, p.text, p.start, p.end, p.lang, p.kind, p.title, d.title, d.source,"
-                f" p.metadata FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.id IN ({','.join('?' * len(chunk))})",
+                " p.metadata, p.compressed FROM passages p JOIN documents d ON d.id = p.doc_id"
+                f" WHERE p.id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
             for r in rows:
-                found[r[0]] = PassageRow(*r[:11], metadata=json.loads(r[11]))
+                found[r[0]] = PassageRow(*r[:11], metadata=json.loads(r[11]), compressed=r[12])
         return [found[i] for i in ids if i in found]
 
     def iter_texts(self, batch: int = 10_000):
@@ -201,6 +212,80 @@ class PassageStore:
                 return
             yield [r[0] for r in rows], [r[1] for r in rows]
             last = rows[-1][0]
+
+    # -- compressed texts ----------------------------------------------------------------------
+    def compression(self) -> dict | None:
+        """The method, rate and source (compressor model) the stored compressed texts were made with."""
+        row = self.db.execute("SELECT method, rate, source FROM compression WHERE id = 1").fetchone()
+        return {"method": row[0], "rate": row[1], "source": row[2]} if row else None
+
+    def set_compression(self, method: str, rate: float, source: str | None = None) -> None:
+        """Record the compression settings; when they differ from the recorded ones, every stored
+        compressed text is dropped (it was made with other settings)."""
+        record = {"method": method, "rate": float(rate), "source": source}
+        with self.transaction():
+            if self.compression() != record:
+                self.db.execute("UPDATE passages SET compressed = NULL")
+                self.db.execute(
+                    "INSERT OR REPLACE INTO compression VALUES (1, ?, ?, ?)", (method, float(rate), source)
+                )
+
+    def clear_compression(self) -> None:
+        """Drop the compressed texts and the compression record."""
+        with self.transaction():
+            self.db.execute("UPDATE passages SET compressed = NULL")
+            self.db.execute("DELETE FROM compression")
+
+    def set_compressed(self, texts: dict[int, str | None]) -> None:
+        """Store compressed texts by passage id (None clears one)."""
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE passages SET compressed = ? WHERE id = ?", [(t, int(i)) for i, t in texts.items()]
+            )
+
+    def compressed_texts(self, ids: Sequence[int]) -> dict[int, str | None]:
+        """passage id -> compressed text (None where there is none); unknown ids are skipped."""
+        out: dict[int, str | None] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = self.db.execute(
+                f"SELECT id, compressed FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            out.update((r[0], r[1]) for r in rows)
+        return out
+
+    def uncompressed(self) -> tuple[list[int], list[str]]:
+        """(ids, original texts) of the passages without a compressed text, in id order."""
+        rows = self.db.execute(
+            "SELECT id, text FROM passages WHERE compressed IS NULL ORDER BY id"
+        ).fetchall()
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def compress_passages(
+        self,
+        compress: Callable[[list[str]], list[str]],
+        method: str,
+        rate: float,
+        source: str | None = None,
+        *,
+        batch: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Compress every passage lacking a compressed text (all of them when the method, rate or
+        source changed) with `compress(texts) -> texts`, in batches; the original texts stay as they are."""
+        self.set_compression(method, rate, source)
+        ids, texts = self.uncompressed()
+        for start in range(0, len(ids), batch):
+            chunk = texts[start : start + batch]
+            out = compress(chunk)
+            if len(out) != len(chunk):
+                raise RuntimeError(f"the compressor returned {len(out)} texts for {len(chunk)}")
+            self.set_compressed(dict(zip(ids[start : start + batch], out, strict=True)))
+            if progress is not None:
+                progress(len(chunk))
+        total = self.counts()["passages"]
+        return {"method": method, "rate": float(rate), "compressed": len(ids), "reused": total - len(ids)}
 
     def filter_ids(self, flt: dict[str, Any]) -> list[int]:
         """Passage ids matching every key of a metadata filter.

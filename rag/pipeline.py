@@ -21,6 +21,13 @@ from rag.generation.generator import (
 from rag.kvcache.manager import KVCacheManager
 
 
+def passage_text(passage, use_compressed: bool = True) -> str:
+    """The text a passage's KV is computed from: a `Hit` or `PassageRow`'s compressed text when it has
+    one (and `use_compressed`), else its original text."""
+    compressed = getattr(passage, "compressed", None) if use_compressed else None
+    return compressed or passage.text
+
+
 @dataclass
 class Citation:
     """Where an answer's context came from."""
@@ -77,6 +84,7 @@ class RagPipeline:
         ape_scale: float | Sequence[float] = 1.0,
         ape_positions: str = "shared",
         blend_ratio: float = DEFAULT_BLEND_RATIO,
+        use_compressed: bool = True,
     ):
         self.collection = collection
         self.encoder = encoder
@@ -86,6 +94,8 @@ class RagPipeline:
         self.ape_scale = ape_scale
         self.ape_positions = ape_positions
         self.blend_ratio = blend_ratio
+        # A passage's KV is computed from its compressed text when the collection stores one.
+        self.use_compressed = use_compressed
 
     def retrieve(
         self, question: str, k: int, *, filter: dict | None = None, hybrid: bool = False
@@ -95,7 +105,9 @@ class RagPipeline:
         return self.collection.search(question, self.encoder, k=k, filter=filter, hybrid=hybrid)
 
     def passage_ids(self, hits: Sequence[Hit]) -> list[list[int]]:
-        return [self.generator.passage_ids(h.text, h.title) for h in hits]
+        """The generator's token ids of each hit: its compressed text where there is one (the text its
+        stored cache was computed from), else its original text."""
+        return [self.generator.passage_ids(passage_text(h, self.use_compressed), h.title) for h in hits]
 
     def prepare(
         self,

@@ -60,6 +60,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         ray_options = RayOptions(address=args.address, num_cpus=args.ray_cpus, actors=args.actors or 1)
     elif args.address is not None or args.ray_cpus is not None or args.actors is not None:
         raise KvragError("--address, --ray-cpus and --actors apply to --engine ray only")
+    if args.compress is None and (args.compress_rate is not None or args.compressor_path is not None):
+        raise KvragError("--compress-rate and --compressor-path apply with --compress only")
+    if args.compress is not None and ray_options is not None:
+        raise KvragError("--compress applies to --engine local only")
+    if args.compress_rate is not None:
+        from rag.compress import check_rate
+
+        check_rate(args.compress_rate)
+    compress_report = None
     collection = Collection.open_or_create(settings.root, args.collection, config, device=settings.device)
     try:
         if ray_options is not None:
@@ -74,16 +83,25 @@ def cmd_index(args: argparse.Namespace) -> int:
                 show_progress=not args.json and sys.stderr.isatty(),
             )
             kv_report = None
+            progress = not args.json and sys.stderr.isatty()
+            compression = _index_compression(collection, args)
+            generator = None
+            if compression is not None or not args.no_kv:
+                from service.runtime import open_generator
+
+                generator = open_generator(settings, args.generator, args.prompt)
+            if compression is not None:
+                compress_report = _compress_passages(settings, collection, generator, *compression, progress)
             if not args.no_kv:
-                kv_report = _precompute_kv(
-                    settings, collection, args, progress=not args.json and sys.stderr.isatty()
-                )
+                kv_report = _precompute_kv(settings, collection, args, progress=progress, generator=generator)
     finally:
         collection.close()
     if args.json:
         extra = {"engine": args.engine}
         if ray_options is not None:
             extra["actors"] = ray_options.actors
+        if compress_report is not None:
+            extra["compression"] = compress_report
         _print_json({**asdict(report), **extra, **({"kv": kv_report} if kv_report else {})})
     else:
         print(
@@ -93,6 +111,18 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
         for s in report.skipped_files[:20]:
             print(f"  skipped {s}")
+        if compress_report:
+            c = compress_report
+            tokens = ""
+            if "passage_tokens_mean_original" in c:
+                tokens = (
+                    f"; passage tokens {c['passage_tokens_mean_original']:.1f} ->"
+                    f" {c['passage_tokens_mean_compressed']:.1f} on average"
+                )
+            print(
+                f"compression ({c['method']}, rate {c['rate']}): {c['compressed']} compressed,"
+                f" {c['reused']} already compressed{tokens} ({c['seconds']:.1f} s)"
+            )
         if kv_report:
             print(
                 f"passage KV ({kv_report['codec']}, {kv_report['url']}): {kv_report['kv_computed']} computed,"
@@ -128,15 +158,66 @@ def _index_ray(settings, collection, args, options) -> tuple:
     )
 
 
-def _precompute_kv(settings, collection, args, *, progress: bool) -> dict:
-    """Indexing time: every passage's KV cache after the shared prefix, stored once."""
+def _index_compression(collection, args) -> tuple[str, float, str | None] | None:
+    """(method, rate, compressor path) for `kvrag index`: the options given, else the settings the
+    collection's passages were compressed with before (so new passages get the same treatment)."""
+    if args.compress is not None:
+        rate = args.compress_rate if args.compress_rate is not None else 0.5
+        return args.compress, rate, args.compressor_path
+    record = collection.store.compression()
+    if record is None:
+        return None
+    return record["method"], record["rate"], record["source"] if record["method"] == "classifier" else None
+
+
+def _open_compressor(settings, method: str, generator, path: str | None):
+    """A compressor and what it is made from (recorded with the compressed texts)."""
+    from rag.compress import METHODS, open_compressor
+
+    if method == "selfinfo":
+        if path is not None:
+            return open_compressor(method, model=path), str(Path(path).expanduser().resolve())
+        return open_compressor(method, generator=generator), generator.spec
+    if method == "classifier":
+        if path is None:
+            raise KvragError(
+                "--compress classifier needs --compressor-path (a token-classification checkpoint)"
+            )
+        where = str(Path(path).expanduser().resolve())
+        return open_compressor(method, path=where, device=settings.device), where
+    raise KvragError(f"unknown compression method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def _compress_passages(settings, collection, generator, method, rate, path, progress: bool) -> dict:
+    """Indexing time: compressed texts for the passages lacking one; the KV is computed from them,
+    while embeddings, BM25 and citations stay on the original texts."""
+    from rag.eval.rag import compress_collection
+
+    compressor, source = _open_compressor(settings, method, generator, path)
+    return compress_collection(
+        collection.store,
+        compressor,
+        method,
+        rate,
+        source=source,
+        generator=generator,
+        show_progress=progress,
+    )
+
+
+def _precompute_kv(settings, collection, args, *, progress: bool, generator=None) -> dict:
+    """Indexing time: every passage's KV cache after the shared prefix, stored once (from the
+    passage's compressed text where the collection keeps one)."""
+    from rag.pipeline import passage_text
     from service.runtime import open_generator, open_kv
 
-    generator = open_generator(settings, args.generator, args.prompt)
+    generator = generator or open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         rows = collection.store.passages(collection.store.passage_ids())
-        out = kv.ensure([generator.passage_ids(r.text, r.doc_title) for r in rows], progress=progress)
+        out = kv.ensure(
+            [generator.passage_ids(passage_text(r), r.doc_title) for r in rows], progress=progress
+        )
         store_errors = kv.store.stats().get("errors", 0)
     finally:
         kv.store.close()
@@ -275,12 +356,17 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise KvragError(f"--ape-grid takes T:S pairs separated by commas, not {pair!r}") from exc
         variants.append(Variant.of("ape", gt, gs))
+    if args.compress is None and (args.compress_rate is not None or args.compressor_path is not None):
+        raise KvragError("--compress-rate and --compressor-path apply with --compress only")
     spec = args.encoder or settings.encoder
     encoder = load_encoder(settings.encoder_config(spec))
     collection = open_eval_collection(settings.root, data, encoder, spec, show_progress=progress)
     generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
+        compressor = source = None
+        if args.compress is not None:
+            compressor, source = _open_compressor(settings, args.compress, generator, args.compressor_path)
         pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
         cfg = RagEvalConfig(
             data=data,
@@ -289,8 +375,11 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
             offset=args.offset,
             max_new_tokens=args.max_tokens,
             variants=variants,
+            compress=args.compress,
+            compress_rate=args.compress_rate if args.compress_rate is not None else 0.5,
+            compress_source=source,
         )
-        result = run_rag_eval(cfg, pipeline, show_progress=progress)
+        result = run_rag_eval(cfg, pipeline, show_progress=progress, compressor=compressor)
     finally:
         kv.store.close()
         collection.close()
@@ -399,6 +488,21 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compress",
+        choices=["selfinfo", "classifier"],
+        help="compress passages before their KV is computed (embeddings, BM25 and citations stay on the"
+        " original text); selfinfo uses the generator unless --compressor-path names a causal LM",
+    )
+    p.add_argument(
+        "--compress-rate", type=float, help="kept fraction of passage tokens, in (0, 1] (default 0.5)"
+    )
+    p.add_argument(
+        "--compressor-path", help="compressor model folder (classifier: a token-classification checkpoint)"
+    )
+
+
 def _ape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ape-temperature", type=float, help="APE temperature T (default KVRAG_APE_TEMPERATURE)")
     p.add_argument("--ape-scale", type=float, help="APE scaling factor S (default KVRAG_APE_SCALE)")
@@ -444,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--actors", type=int, help="Ray actors per pool: chunking, encoding, passage KV (default 1)"
     )
     _generation_args(ix)
+    _compress_args(ix)
     ix.add_argument("--json", action="store_true")
     ix.set_defaults(func=cmd_index)
 
@@ -511,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ape-grid", help="more APE variants on the same retrieval, e.g. 0.9:1.0,0.8:1.0 (T:S pairs)"
     )
     _ape_args(rg)
+    _compress_args(rg)
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(func=cmd_eval_rag)
 

@@ -21,7 +21,7 @@ from index.job import Document, index_documents
 from rag.eval.squad import best_score, exact_match, f1_score, load_squad
 from rag.generation.generator import DEFAULT_BLEND_RATIO, MODES, SamplingParams
 from rag.kvcache.manager import KVCacheManager
-from rag.pipeline import RagPipeline
+from rag.pipeline import RagPipeline, passage_text
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class RagEvalConfig:
     offset: int = 0
     max_new_tokens: int = 16
     variants: list[Variant] = field(default_factory=lambda: [Variant("ape", "ape", 0.9, 0.9)])
+    compress: str | None = None  # compression method (passages compressed before their KV); None: off
+    compress_rate: float = 0.5  # kept fraction of tokens
+    compress_source: str | None = None  # what the compressor was made from (generator spec or path)
 
 
 def collection_name(path: Path, encoder_spec: str = CollectionConfig.encoder) -> str:
@@ -84,6 +87,40 @@ def open_eval_collection(
     return collection
 
 
+def compress_collection(
+    store,
+    compressor,
+    method: str,
+    rate: float,
+    *,
+    source: str | None = None,
+    generator=None,
+    show_progress: bool = False,
+) -> dict:
+    """Compress the passages of a collection's store that lack a compressed text (all of them when the
+    method, rate or source changed); with a `generator`, also the mean passage tokens before and after."""
+    from tqdm.auto import tqdm
+
+    from rag.compress import check_rate
+
+    rate = check_rate(rate)
+    t0 = time.perf_counter()
+    with tqdm(desc="compressing", unit="passage", disable=not show_progress) as bar:
+        report = store.compress_passages(
+            lambda texts: compressor.compress(texts, rate=rate), method, rate, source, progress=bar.update
+        )
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    if generator is not None:
+        rows = store.passages(store.passage_ids())
+        original = [len(generator.passage_ids(r.text, r.doc_title)) for r in rows]
+        compressed = [len(generator.passage_ids(passage_text(r), r.doc_title)) for r in rows]
+        n = max(len(rows), 1)
+        report["passage_tokens_mean_original"] = round(sum(original) / n, 2)
+        report["passage_tokens_mean_compressed"] = round(sum(compressed) / n, 2)
+        report["token_ratio"] = round(sum(original) / max(sum(compressed), 1), 3)
+    return report
+
+
 def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 3) if xs else 0.0
 
@@ -93,8 +130,12 @@ def run_rag_eval(
     pipeline: RagPipeline,
     *,
     show_progress: bool = False,
+    compressor=None,
 ) -> dict:
-    """Answer and score; returns one dict (per-variant results under `variants` when there are several)."""
+    """Answer and score; returns one dict (per-variant results under `variants` when there are several).
+
+    With `cfg.compress`, the collection's paragraphs are first compressed by `compressor` (kept in its
+    store) and their caches computed from the compressed texts; retrieval stays on the originals."""
     from tqdm.auto import tqdm
 
     _, questions = load_squad(cfg.data)
@@ -105,10 +146,28 @@ def run_rag_eval(
         raise InvalidInputError("no questions in the selected range")
     gen = pipeline.generator
     kv: KVCacheManager = pipeline.kv
+    store = pipeline.collection.store
+    compression = None
+    if cfg.compress is not None:
+        if compressor is None:
+            raise InvalidInputError("compressing passages needs a compressor")
+        compression = compress_collection(
+            store,
+            compressor,
+            cfg.compress,
+            cfg.compress_rate,
+            source=cfg.compress_source,
+            generator=gen,
+            show_progress=show_progress,
+        )
+    pipeline.use_compressed = compression is not None
     # Precompute every paragraph's cache (indexing time), so query-time fetches are store hits.
     t0 = time.perf_counter()
-    rows = pipeline.collection.store.passages(pipeline.collection.store.passage_ids())
-    kv_index = kv.ensure([gen.passage_ids(r.text, r.doc_title) for r in rows], progress=show_progress)
+    rows = store.passages(store.passage_ids())
+    kv_index = kv.ensure(
+        [gen.passage_ids(passage_text(r, pipeline.use_compressed), r.doc_title) for r in rows],
+        progress=show_progress,
+    )
     kv_index["seconds"] = round(time.perf_counter() - t0, 3)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
     per: dict[str, dict[str, list[float]]] = {v.name: {} for v in cfg.variants}
@@ -187,6 +246,8 @@ def run_rag_eval(
         "kv_index": kv_index,
         "kv_counters": {k2: v2 for k2, v2 in kv.stats().items() if k2 != "store"},
     }
+    if compression is not None:
+        common["compression"] = compression
     if len(cfg.variants) == 1:
         return {**common, **results[cfg.variants[0].name]}
     return {**common, "variants": results}

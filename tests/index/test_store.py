@@ -94,6 +94,7 @@ def test_schema_is_created(store):
         "title",
         "metadata",
         "content_hash",
+        "compressed",
     ]
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
