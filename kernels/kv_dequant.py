@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kernels._triton import HAS_TRITON, cpu_time_ms, jit, launchable, next_pow2, pick_backend, tl, triton
+from rag.kvcache.codec import dequantize_int8_reference
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -84,22 +85,9 @@ def _kv_dequant_kernel(
 # ---------------------------------------------------------------------------------------- reference
 
 
-def kv_dequant_torch(
-    kq: torch.Tensor,
-    kscale: torch.Tensor,
-    kmin: torch.Tensor,
-    vq: torch.Tensor,
-    vscale: torch.Tensor,
-    vmin: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: the same arithmetic as the codec's `dequantize_int8_reference` (float32
-    `min + code * scale`, then a cast); new contiguous tensors in `dtype`."""
-    keys = torch.addcmul(kmin.float().unsqueeze(2), kq.to(torch.float32), kscale.float().unsqueeze(2))
-    values = torch.addcmul(vmin.float().unsqueeze(3), vq.to(torch.float32), vscale.float().unsqueeze(3))
-    if dtype != torch.float32:
-        keys, values = keys.to(dtype), values.to(dtype)
-    return keys.contiguous(), values.contiguous()
+# The reference is the codec's own reconstruction (float32 `min + code * scale`, then a cast): the
+# format belongs to the codec, and one reference means the kernel is checked against what the CPU uses.
+kv_dequant_torch = dequantize_int8_reference
 
 
 # ----------------------------------------------------------------------------------------- launcher
