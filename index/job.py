@@ -176,6 +176,41 @@ def embed_text(title: str | None, text: str, kind: str) -> str:
     return f"{title} {text}" if title and kind == "text" else text
 
 
+def triage(
+    doc: Document,
+    collection: Collection,
+    known: dict[str, str],
+    seen: set[str],
+    chunking: str,
+    report: JobReport,
+) -> str | None:
+    """The checks every engine makes on a document before chunking it: ids unique within the run, an
+    emptied document's old passages removed, the size limit, unchanged content skipped. Returns the
+    content hash when the document must be (re)chunked, else None."""
+    report.documents_seen += 1
+    if doc.id in seen:
+        raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
+    seen.add(doc.id)
+    if not doc.text.strip():
+        if doc.id in known:  # emptied since the last run: its old passages must go
+            removed = collection.store.delete_documents([doc.id])
+            index = collection.index
+            report.passages_removed += index.remove(removed) if index is not None else 0
+            report.pruned += 1
+            collection.bm25_dirty = True
+        report.skipped_files.append(f"{doc.id} (empty)")
+        return None
+    if len(doc.text) > MAX_DOC_CHARS:
+        raise InvalidInputError(
+            f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}"
+        )
+    digest = doc.content_hash(chunking)
+    if known.get(doc.id) == digest:
+        report.unchanged += 1
+        return None
+    return digest
+
+
 def index_documents(
     collection: Collection,
     docs: Iterator[Document],
@@ -210,25 +245,9 @@ def index_documents(
         pending.clear()
 
     for doc in docs:
-        report.documents_seen += 1
         bar.update(1)
-        if doc.id in seen:
-            raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
-        seen.add(doc.id)
-        if not doc.text.strip():
-            if doc.id in known:  # emptied since the last run: its old passages must go
-                report.passages_removed += index.remove(collection.store.delete_documents([doc.id]))
-                report.pruned += 1
-                collection.bm25_dirty = True
-            report.skipped_files.append(f"{doc.id} (empty)")
-            continue
-        if len(doc.text) > MAX_DOC_CHARS:
-            raise InvalidInputError(
-                f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}"
-            )
-        digest = doc.content_hash(chunking)
-        if known.get(doc.id) == digest:
-            report.unchanged += 1
+        digest = triage(doc, collection, known, seen, chunking, report)
+        if digest is None:
             continue
         chunks = chunk_document(
             doc.text,

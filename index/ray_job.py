@@ -56,7 +56,7 @@ from encoders.encoder import EncoderConfig
 from encoders.errors import InvalidInputError, KvragError
 from index.chunking import chunk_document
 from index.collection import Collection
-from index.job import MAX_DOC_CHARS, Document, JobReport, embed_text, iter_documents
+from index.job import Document, JobReport, embed_text, iter_documents, triage
 from index.lang import guess_language
 
 FLUSH_PASSAGES = 256  # the local job's vector batch: vectors are added to the index in the same groups
@@ -470,27 +470,9 @@ def _chunk_and_store(
     seen: set[str] = set()
     changed: list[tuple[Document, str]] = []
     for doc in docs:
-        report.documents_seen += 1
-        if doc.id in seen:
-            raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
-        seen.add(doc.id)
-        if not doc.text.strip():
-            if doc.id in known:  # emptied since the last run: its old passages must go
-                removed = collection.store.delete_documents([doc.id])
-                report.passages_removed += collection.index.remove(removed) if collection.index else 0
-                report.pruned += 1
-                collection.bm25_dirty = True
-            report.skipped_files.append(f"{doc.id} (empty)")
-            continue
-        if len(doc.text) > MAX_DOC_CHARS:
-            raise InvalidInputError(
-                f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}"
-            )
-        digest = doc.content_hash(chunking)
-        if known.get(doc.id) == digest:
-            report.unchanged += 1
-            continue
-        changed.append((doc, digest))
+        digest = triage(doc, collection, known, seen, chunking, report)
+        if digest is not None:
+            changed.append((doc, digest))
     groups: list[list[int]] = []
     stats.update(documents_chunked=len(changed), chunk_seconds=0.0, chunk_busy_seconds=0.0)
     if not changed:
