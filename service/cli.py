@@ -170,6 +170,9 @@ def _index_compression(collection, args) -> tuple[str, float, str | None] | None
     return record["method"], record["rate"], record["source"] if record["method"] == "classifier" else None
 
 
+DEFAULT_CLASSIFIER = "bundled:compressor-e5-small"
+
+
 def _open_compressor(settings, method: str, generator, path: str | None):
     """A compressor and what it is made from (recorded with the compressed texts)."""
     from rag.compress import METHODS, open_compressor
@@ -179,11 +182,13 @@ def _open_compressor(settings, method: str, generator, path: str | None):
             return open_compressor(method, model=path), str(Path(path).expanduser().resolve())
         return open_compressor(method, generator=generator), generator.spec
     if method == "classifier":
-        if path is None:
-            raise KvragError(
-                "--compress classifier needs --compressor-path (a token-classification checkpoint)"
-            )
-        where = str(Path(path).expanduser().resolve())
+        from encoders.models import BUNDLED_PREFIX, resolve_model
+
+        spec = path if path is not None else DEFAULT_CLASSIFIER
+        if spec.startswith(BUNDLED_PREFIX):
+            where = resolve_model(spec, settings.models_dir)
+            return open_compressor(method, path=where, device=settings.device), spec
+        where = str(Path(spec).expanduser().resolve())
         return open_compressor(method, path=where, device=settings.device), where
     raise KvragError(f"unknown compression method {method!r}: choose one of {', '.join(METHODS)}")
 
@@ -387,6 +392,36 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_compressor(args: argparse.Namespace) -> int:
+    from rag.compress.train import TrainConfig, train_compressor
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise KvragError(f"{data_dir}: no such folder (give --data-dir, the benchmark data folder)")
+    langs = tuple(x.strip() for x in args.langs.split(",") if x.strip())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        out=Path(args.out),
+        scifact=args.scifact,
+        langs=langs,
+        per_lang=args.per_lang,
+        max_length=args.max_length,
+        train_layers=args.train_layers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    progress = not args.json and sys.stderr.isatty()
+    report = train_compressor(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)
+    _print_json(report) if args.json else print(json.dumps(report, indent=1, ensure_ascii=False))
+    return 0
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -499,7 +534,10 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         "--compress-rate", type=float, help="kept fraction of passage tokens, in (0, 1] (default 0.5)"
     )
     p.add_argument(
-        "--compressor-path", help="compressor model folder (classifier: a token-classification checkpoint)"
+        "--compressor-path",
+        help="compressor model: for classifier a token-classification checkpoint folder or bundled spec"
+        f" (default {DEFAULT_CLASSIFIER}, distilled by `kvrag train compressor`); for selfinfo a causal LM"
+        " folder (default: the generator)",
     )
 
 
@@ -619,6 +657,28 @@ def build_parser() -> argparse.ArgumentParser:
     _compress_args(rg)
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(func=cmd_eval_rag)
+
+    tr = sub.add_parser("train", help="train models of our own").add_subparsers(dest="what", required=True)
+    tc = tr.add_parser(
+        "compressor",
+        help="distil the selfinfo compressor into a token classifier on the bundled multilingual-e5-small",
+    )
+    tc.add_argument("--data-dir", default="../shared/data", help="folder with scifact/ and xquad/")
+    tc.add_argument("--out", required=True, help="output folder (checkpoint, delta.safetensors, recipe.json)")
+    tc.add_argument("--scifact", type=int, default=1200, help="SciFact abstracts used (the first N)")
+    tc.add_argument(
+        "--langs", default="es,ru,zh,ar,hi", help="XQuAD paragraph languages (keep out the evaluated ones)"
+    )
+    tc.add_argument("--per-lang", type=int, default=120, help="XQuAD paragraphs per language (a seeded sample)")
+    tc.add_argument("--max-length", type=int, default=256, help="encoder tokens per passage")
+    tc.add_argument("--train-layers", type=int, default=2, help="top encoder layers trained with the head")
+    tc.add_argument("--epochs", type=int, default=3)
+    tc.add_argument("--batch-size", type=int, default=16)
+    tc.add_argument("--lr", type=float, default=2e-4)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tc.add_argument("--json", action="store_true")
+    tc.set_defaults(func=cmd_train_compressor)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = bench.add_parser("ttft", help="time to first token: sequential prefill vs APE with stored caches")
