@@ -31,7 +31,6 @@ from rag.compress import open_compressor, split_words  # noqa: E402
 from rag.eval.rag import compress_collection, open_eval_collection  # noqa: E402
 from rag.eval.squad import best_score, exact_match, f1_score, load_squad  # noqa: E402
 from rag.generation.generator import SamplingParams  # noqa: E402
-from rag.pipeline import passage_text  # noqa: E402
 from service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
 from service.settings import get_settings  # noqa: E402
 
@@ -198,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     base = results["none@5"]
     for r in results.values():
-        r["passage_tokens_reduction"] = round(base["passage_tokens_per_question"] / r["passage_tokens_per_question"], 3)
+        r["passage_tokens_reduction"] = round(
+            base["passage_tokens_per_question"] / r["passage_tokens_per_question"], 3
+        )
         r["kv_bytes_reduction"] = round(base["kv_bytes_per_question"] / max(r["kv_bytes_per_question"], 1), 3)
         r["f1_vs_uncompressed_k5"] = round(r["f1"] / base["f1"], 4) if base["f1"] else None
     if "selfinfo" in speed and "classifier" in speed:

@@ -669,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument(
         "--langs", default="es,ru,zh,ar,hi", help="XQuAD paragraph languages (keep out the evaluated ones)"
     )
-    tc.add_argument("--per-lang", type=int, default=120, help="XQuAD paragraphs per language (a seeded sample)")
+    tc.add_argument(
+        "--per-lang", type=int, default=120, help="XQuAD paragraphs per language (a seeded sample)"
+    )
     tc.add_argument("--max-length", type=int, default=256, help="encoder tokens per passage")
     tc.add_argument("--train-layers", type=int, default=2, help="top encoder layers trained with the head")
     tc.add_argument("--epochs", type=int, default=3)

@@ -59,7 +59,8 @@ def build_classifier_folder(dest: Path, encoder_folder: Path, delta: Path) -> Pa
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(encoder_folder)).save_pretrained(tmp)
         (tmp / "kvrag-delta.json").write_text(
-            json.dumps({"delta_sha256_16": delta_digest(delta), "base": str(encoder_folder)}), encoding="utf-8"
+            json.dumps({"delta_sha256_16": delta_digest(delta), "base": str(encoder_folder)}),
+            encoding="utf-8",
         )
         if dest.exists():
             shutil.rmtree(dest)

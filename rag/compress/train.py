@@ -143,10 +143,16 @@ def teacher_label(
 def token_targets(texts: Sequence[str], labels: Sequence[Sequence[float]], tokenizer, max_length: int):
     """Encoder inputs with special tokens, and per token the soft label of its word (-1: no word)."""
     enc = tokenizer(
-        list(texts), add_special_tokens=True, truncation=True, max_length=max_length, return_offsets_mapping=True
+        list(texts),
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
     )
     rows = []
-    for text, word_labels, ids, offsets in zip(texts, labels, enc["input_ids"], enc["offset_mapping"], strict=True):
+    for text, word_labels, ids, offsets in zip(
+        texts, labels, enc["input_ids"], enc["offset_mapping"], strict=True
+    ):
         words = split_words(text)
         owners = token_words([tuple(o) for o in offsets], char_to_word(text, words))
         special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
