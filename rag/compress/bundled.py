@@ -80,6 +80,6 @@ def compressor_folder(models_dir: Path, encoder_folder: Path) -> Path:
         try:
             if json.loads(marker.read_text(encoding="utf-8")).get("delta_sha256_16") == delta_digest(delta):
                 return folder
-        except ValueError:
+        except (ValueError, AttributeError):  # unreadable marker: rebuild
             pass
     return build_classifier_folder(folder, Path(encoder_folder), delta)

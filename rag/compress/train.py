@@ -149,15 +149,16 @@ def token_targets(texts: Sequence[str], labels: Sequence[Sequence[float]], token
         max_length=max_length,
         return_offsets_mapping=True,
     )
+    wrapping = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     rows = []
     for text, word_labels, ids, offsets in zip(
         texts, labels, enc["input_ids"], enc["offset_mapping"], strict=True
     ):
         words = split_words(text)
         owners = token_words([tuple(o) for o in offsets], char_to_word(text, words))
-        special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
+        # The wrapping tokens (CLS/SEP, <s>/</s>, padding) have no word; an unknown-token piece does.
         target = [
-            -1.0 if (s or w < 0) else float(word_labels[w]) for w, s in zip(owners, special, strict=True)
+            -1.0 if (t in wrapping or w < 0) else float(word_labels[w]) for w, t in zip(owners, ids, strict=True)
         ]
         rows.append((list(ids), target))
     return rows
@@ -369,7 +370,7 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     bar.close()
@@ -455,7 +456,7 @@ def _save_labels(path: Path, texts: Sequence[str], labels: Sequence[Sequence[flo
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for t, lab in zip(texts, labels, strict=True):
-            fh.write(json.dumps({"key": _text_key(t, teacher), "labels": [round(x, 4) for x in lab]}) + "\n")
+            fh.write(json.dumps({"key": _text_key(t, teacher), "labels": list(lab)}) + "\n")
     tmp.replace(path)
 
 
