@@ -158,7 +158,8 @@ def token_targets(texts: Sequence[str], labels: Sequence[Sequence[float]], token
         owners = token_words([tuple(o) for o in offsets], char_to_word(text, words))
         # The wrapping tokens (CLS/SEP, <s>/</s>, padding) have no word; an unknown-token piece does.
         target = [
-            -1.0 if (t in wrapping or w < 0) else float(word_labels[w]) for w, t in zip(owners, ids, strict=True)
+            -1.0 if (t in wrapping or w < 0) else float(word_labels[w])
+            for w, t in zip(owners, ids, strict=True)
         ]
         rows.append((list(ids), target))
     return rows
@@ -287,16 +288,30 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "teacher-labels.jsonl"
-    labels = _cached_labels(cache, texts, cfg.teacher)
-    if labels is None:
+    # Labels are appended to the cache batch by batch, so an interrupted run resumes where it stopped.
+    found = _load_label_cache(cache)
+    keys = [_text_key(t, cfg.teacher) for t in texts]
+    todo = [i for i, k in enumerate(keys) if len(found.get(k, ())) != len(split_words(texts[i]))]
+    if todo:
         gen = Generator(cfg.teacher, models_dir=models_dir)
         teacher = SelfInfoCompressor(generator=gen)
-        with tqdm(total=len(texts), desc="teacher labels", unit="passage", disable=not show_progress) as bar:
-            labels = teacher_label(texts, teacher, progress=bar.update)
+        with (
+            cache.open("a", encoding="utf-8") as fh,
+            tqdm(total=len(todo), desc="teacher labels", unit="passage", disable=not show_progress) as bar,
+        ):
+            for b in range(0, len(todo), 16):
+                idx = todo[b : b + 16]
+                for i, lab in zip(idx, teacher_label([texts[i] for i in idx], teacher), strict=True):
+                    found[keys[i]] = lab
+                    fh.write(json.dumps({"key": keys[i], "labels": lab}) + "\n")
+                fh.flush()
+                bar.update(len(idx))
         del teacher, gen
-        _save_labels(cache, texts, labels, cfg.teacher)
+        done = len(texts) - len(todo)
+        log(f"teacher labels: {len(todo)} computed" + (f", {done} taken from {cache}" if done else ""))
     else:
         log(f"teacher labels reused from {cache}")
+    labels = [found[k] for k in keys]
     label_s = time.perf_counter() - t0
 
     # 2. Student inputs and frozen features.
@@ -431,18 +446,24 @@ def _text_key(text: str, teacher: str) -> str:
     return hashlib.sha256(f"{teacher}\0{text}".encode()).hexdigest()
 
 
+def _load_label_cache(path: Path) -> dict[str, list[float]]:
+    """Every complete entry of a label cache (a line cut short by an interrupted run is skipped)."""
+    found: dict[str, list[float]] = {}
+    if not path.is_file():
+        return found
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                found[str(row["key"])] = [float(x) for x in row["labels"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
 def _cached_labels(path: Path, texts: Sequence[str], teacher: str) -> list[list[float]] | None:
     """The teacher labels a previous run saved for exactly these texts (same teacher), else None."""
-    if not path.is_file():
-        return None
-    found: dict[str, list[float]] = {}
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                found[row["key"]] = [float(x) for x in row["labels"]]
-    except (ValueError, KeyError, TypeError):
-        return None
+    found = _load_label_cache(path)
     keys = [_text_key(t, teacher) for t in texts]
     if not all(k in found for k in keys):
         return None
