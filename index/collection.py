@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from encoders.adaptor import check_method
 from encoders.encoder import Encoder
 from encoders.errors import CollectionNotFoundError, DimensionMismatchError, InvalidInputError
 from index.hybrid import BM25Index, rrf
@@ -35,6 +36,7 @@ class CollectionConfig:
     dim: int | None = None  # Matryoshka truncation; None keeps the encoder's full dimension
     rescore_with: str = "float32"
     binary_method: str = "itq"
+    adaptor: str = "none"  # Matryoshka adaptor fitted on the corpus: none, pca or learned
     max_tokens: int = 256
     overlap_tokens: int = 32
     bm25_language: str | None = None
@@ -125,6 +127,7 @@ class Collection:
         parse_spec(config.spec)
         if config.rescore_with not in ("float32", "int8"):
             raise InvalidInputError("rescore_with must be float32 or int8")
+        check_method(config.adaptor)
         folder.mkdir(parents=True, exist_ok=True)
         store = PassageStore(folder / "passages.sqlite")
         store.set_collection(name, asdict(config))
@@ -178,9 +181,20 @@ class Collection:
             self._index = VectorIndex.load(self.folder / "vectors", device=self.device)
         return self._index
 
-    def ensure_index(self, dim: int) -> VectorIndex:
-        """The vector index, created on first use with the encoder's (truncated) dimension."""
+    def ensure_index(self, dim: int, *, input_dim: int | None = None) -> VectorIndex:
+        """The vector index, created on first use with the encoder's (truncated) dimension.
+
+        With an adaptor the index takes the encoder's full embeddings (`input_dim`, then
+        `index.input_dim`: encode passages and queries at that dimension) and truncates them itself.
+        """
         if self.index is None:
+            if self.config.adaptor != "none" and input_dim is None:
+                if self.config.dim is not None:
+                    raise InvalidInputError(
+                        f"collection {self.name!r} uses the {self.config.adaptor} adaptor, which needs the "
+                        "encoder's full embeddings: pass input_dim=encoder.dim and encode at index.input_dim"
+                    )
+                input_dim = dim
             self._index = VectorIndex(
                 self.config.spec,
                 dim,
@@ -188,6 +202,8 @@ class Collection:
                 rescore_with=self.config.rescore_with,
                 binary_method=self.config.binary_method,
                 device=self.device,
+                adaptor=self.config.adaptor,
+                input_dim=input_dim if self.config.adaptor != "none" else None,
             )
         if self._index.dim != dim:
             raise DimensionMismatchError(
@@ -251,7 +267,7 @@ class Collection:
         if allowed is not None and len(allowed) == 0:
             return []
         t0 = time.perf_counter()
-        q = encoder.encode([query], kind="query", dim=index.dim)
+        q = encoder.encode([query], kind="query", dim=index.input_dim)
         depth = max(k, 100) if hybrid else k
         scores, ids = index.search(q, depth, rescore=rescore, allowed_ids=allowed)
         dense = [int(i) for i in ids[0] if i >= 0]

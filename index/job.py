@@ -231,7 +231,7 @@ def index_documents(
     t0 = time.perf_counter()
     chunking = f"{cfg.max_tokens}/{cfg.overlap_tokens}"
     known = collection.store.document_hashes()
-    index = collection.ensure_index(cfg.dim or encoder.dim)
+    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
     seen: set[str] = set()
     pending: list[tuple[int, str]] = []  # (passage id, embed text)
     bar = tqdm(desc=f"index {collection.name}", unit="doc", disable=not show_progress)
@@ -239,7 +239,9 @@ def index_documents(
     def flush() -> None:
         if not pending:
             return
-        vecs = encoder.encode([t for _, t in pending], kind="passage", dim=index.dim, show_progress=False)
+        vecs = encoder.encode(
+            [t for _, t in pending], kind="passage", dim=index.input_dim, show_progress=False
+        )
         index.add(np.array([pid for pid, _ in pending], dtype=np.int64), vecs)
         report.passages_added += len(pending)
         pending.clear()
@@ -309,9 +311,16 @@ def index_documents(
     return report
 
 
+def _input_dim(collection: Collection, encoder: Encoder) -> int | None:
+    """With a Matryoshka adaptor the index takes full embeddings and truncates them itself."""
+    return encoder.dim if collection.config.adaptor != "none" else None
+
+
 def repair(collection: Collection, encoder: Encoder) -> int:
     """Make the vector index hold exactly the store's passages; returns how many entries changed."""
-    index = collection.ensure_index(collection.config.dim or encoder.dim)
+    index = collection.ensure_index(
+        collection.config.dim or encoder.dim, input_dim=_input_dim(collection, encoder)
+    )
     stored = set(collection.store.passage_ids())
     indexed = set(index.row_ids[index.row_ids >= 0].tolist())
     orphans = sorted(indexed - stored)
@@ -322,7 +331,7 @@ def repair(collection: Collection, encoder: Encoder) -> int:
         texts = [embed_text(r.doc_title, r.text, r.kind) for r in rows]
         index.add(
             np.array([r.id for r in rows], dtype=np.int64),
-            encoder.encode(texts, kind="passage", dim=index.dim),
+            encoder.encode(texts, kind="passage", dim=index.input_dim),
         )
         collection.bm25_dirty = True
     return len(orphans) + len(missing)

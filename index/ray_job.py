@@ -620,6 +620,8 @@ def _embed_and_store_kv(
     if to_embed:
         res = _resources(ray, options, pools, gpu=True)
         dim = index.dim if index is not None else collection.config.dim
+        if collection.config.adaptor != "none":
+            dim = None  # actors send full embeddings; the index adapts and truncates them
         embedder = {
             "encoder_config": encoder_config,
             "dim": dim,
@@ -653,9 +655,10 @@ def _embed_and_store_kv(
         while next_group < len(groups) and all(pid in received for pid in groups[next_group]):
             ids = groups[next_group]
             vectors = np.stack([received.pop(pid) for pid in ids])
-            collection.ensure_index(index.dim if index is not None else vectors.shape[1]).add(
-                np.asarray(ids, dtype=np.int64), vectors
-            )
+            collection.ensure_index(
+                index.dim if index is not None else (collection.config.dim or vectors.shape[1]),
+                input_dim=vectors.shape[1] if collection.config.adaptor != "none" else None,
+            ).add(np.asarray(ids, dtype=np.int64), vectors)
             index = collection.index
             next_group += 1
             since_save += len(ids)

@@ -19,12 +19,18 @@ live rows are then also kept as a torch tensor on that device, and `kernels.hamm
 candidate step. Both scans return the same rows in the same order (ascending Hamming distance, lower
 row first on ties), so rescoring and results do not depend on the choice; it is not saved.
 
+An optional Matryoshka adaptor (`adaptor="pca"|"learned"`, see `encoders.adaptor`) is fitted on the
+first vectors added, saved as a generation file, and applied to added vectors and to queries alike:
+the index then takes the encoder's full `input_dim` embeddings and stores their adapted, truncated
+`dim`-dimensional versions (calibrations, codes and rescoring all work in that space).
+
 Saving is crash-safe: data files of generation g+1 are written beside those of g, then the manifest
 is atomically replaced; a crash at any point leaves generation g readable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import faiss
 import numpy as np
 
+from encoders.adaptor import LearnedFit, MatryoshkaAdaptor, check_method
 from encoders.compress import (
     BinaryCalibration,
     Int8Calibration,
@@ -51,8 +58,10 @@ if TYPE_CHECKING:  # torch is imported only when a kernel scan is used
     import torch
 
 MANIFEST = "manifest.json"
-_TEMP_FILE = re.compile(r"\.(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)\..+\.tmp")
-_GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation)\.\d+\.(faiss|npy|f32|i8)")
+_TEMP_FILE = re.compile(
+    r"\.(index|ids|vectors|codes|binary_rotation|adaptor)\.\d+\.(faiss|npy|f32|i8)\..+\.tmp"
+)
+_GENERATION_FILE = re.compile(r"(index|ids|vectors|codes|binary_rotation|adaptor)\.\d+\.(faiss|npy|f32|i8)")
 FORMAT_VERSION = 1
 SCANS: tuple[str, ...] = ("faiss", "kernel")
 _SPEC_RE = re.compile(
@@ -197,9 +206,15 @@ class VectorIndex:
         binary_method: str = "itq",
         device: str | None = None,
         scan: str | None = None,
+        adaptor: str = "none",
+        input_dim: int | None = None,
+        learned: LearnedFit | None = None,
     ):
         """`device` and `scan` choose how a BFlat index scans its codes (see `resolve_scan`); other
-        specs keep the FAISS search whatever the device."""
+        specs keep the FAISS search whatever the device. With an `adaptor`, vectors given to `add`
+        and `search` have `input_dim` dimensions (None: fixed by the first vectors fitted on) and
+        are adapted and truncated to `dim`; without one, `input_dim` is `dim`. `learned` sets the
+        training options of a `learned` adaptor (not saved: they only matter while fitting)."""
         self.spec = parse_spec(spec)
         if dim <= 0 or (self.spec.precision == "ubinary" and dim % 8):
             raise DimensionMismatchError(
@@ -207,6 +222,16 @@ class VectorIndex:
             )
         if rescore_with not in ("float32", "int8"):
             raise InvalidInputError(f"rescore_with must be float32 or int8, not {rescore_with!r}")
+        check_method(adaptor)
+        if adaptor == "none" and input_dim not in (None, dim):
+            raise DimensionMismatchError(
+                f"input_dim {input_dim} differs from dim {dim}: that needs an adaptor"
+            )
+        if input_dim is not None and input_dim < dim:
+            raise DimensionMismatchError(f"cannot truncate {input_dim}-dim embeddings to {dim} dimensions")
+        self.adaptor_method, self.learned = adaptor, learned or LearnedFit()
+        self.adaptor: MatryoshkaAdaptor | None = None
+        self.input_dim: int | None = dim if adaptor == "none" else input_dim
         self.dim, self.encoder, self.rescore_with, self.binary_method = (
             dim,
             encoder,
@@ -255,13 +280,30 @@ class VectorIndex:
     def fitted(self) -> bool:
         needs_int8 = self.spec.precision == "int8" or self.rescore_with == "int8"
         needs_binary = self.spec.precision == "ubinary"
-        return (not needs_int8 or self.int8 is not None) and (not needs_binary or self.binary is not None)
+        needs_adaptor = self.adaptor_method != "none"
+        return (
+            (not needs_int8 or self.int8 is not None)
+            and (not needs_binary or self.binary is not None)
+            and (not needs_adaptor or self.adaptor is not None)
+        )
 
     def fit(self, vectors: np.ndarray) -> None:
-        """Calibrate codes on corpus vectors (int8 ranges, binary centring/rotation, IVF centroids)."""
+        """Calibrate on corpus vectors: the adaptor (while the index holds no rows), then int8
+        ranges, binary centring/rotation and IVF centroids on the adapted vectors."""
         x = self._check(vectors)
         if len(x) == 0:
             raise InvalidInputError("cannot calibrate an index on zero vectors")
+        if self.adaptor_method != "none":
+            if self.adaptor is None or len(self.row_ids) == 0:
+                # the index's own dim is always among the trained truncations
+                opts = self.learned
+                if self.dim not in opts.dims:
+                    weights = (*opts.weights(opts.dims, x.shape[1]), float(x.shape[1]) / self.dim)
+                    opts = dataclasses.replace(opts, dims=(*opts.dims, self.dim), dim_weights=weights)
+                self.adaptor = MatryoshkaAdaptor.fit(x, self.adaptor_method, learned=opts)  # type: ignore[arg-type]
+                self.input_dim = x.shape[1]
+                self._files.pop("adaptor", None)
+            x = self._prepare(x)
         if self.spec.precision == "int8" or self.rescore_with == "int8":
             self.int8 = Int8Calibration.fit(x)
         if self.spec.precision == "int8":
@@ -287,15 +329,32 @@ class VectorIndex:
         return int((self.row_ids >= 0).sum())
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as a float32 2-D array of the width `add` and `search` take (`input_dim`)."""
         x = np.asarray(vectors, dtype=np.float32)
         if x.ndim == 1:
             x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.dim:
+        expected = self.input_dim
+        if x.ndim != 2 or (x.shape[1] != expected if expected is not None else x.shape[1] < self.dim):
+            holds = (
+                f"{self.dim}-dim vectors"
+                if self.adaptor_method == "none"
+                else f"{self.dim}-dim adapted vectors of {expected or 'full'}-dim embeddings ({self.adaptor_method} adaptor)"
+            )
             raise DimensionMismatchError(
-                f"vectors have shape {x.shape}, this index holds {self.dim}-dim vectors: use the encoder and "
+                f"vectors have shape {x.shape}, this index holds {holds}: use the encoder and "
                 f"dim it was built with ({self.encoder or 'see manifest.json'})"
             )
         return x
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        """Checked input vectors -> the unit-norm `dim` vectors the index stores and compares."""
+        if self.adaptor_method == "none":
+            return normalize(x)
+        if self.adaptor is None:
+            raise InvalidInputError(
+                "this index's adaptor is not fitted yet: add (or fit on) corpus vectors first"
+            )
+        return self.adaptor.transform(x, self.dim)
 
     def _rows_of(self) -> dict[int, int]:
         if self._row_of is None:
@@ -306,7 +365,7 @@ class VectorIndex:
     def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
         """Add vectors under caller-chosen int64 ids (each id at most once; remove it first to replace)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        x = normalize(self._check(vectors))
+        x = self._check(vectors)
         if len(ids) != len(x):
             raise InvalidInputError(f"{len(ids)} ids for {len(x)} vectors")
         if len(x) == 0:
@@ -320,7 +379,8 @@ class VectorIndex:
                 f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first"
             )
         if not self.fitted:
-            self.fit(x)
+            self.fit(x if self.adaptor_method != "none" else normalize(x))
+        x = self._prepare(x)
         start = len(self.row_ids)
         rows = np.arange(start, start + len(x), dtype=np.int64)
         if self.index.ntotal != self._faiss_rows():
@@ -372,11 +432,14 @@ class VectorIndex:
         the float query against the stored float vectors (or int8 codes). `allowed_ids` restricts the
         search to those ids (metadata filters) and is answered exactly from the stored vectors.
         """
-        q = normalize(self._check(queries))
+        q = self._check(queries)
         if k <= 0:
             raise InvalidInputError("k must be at least 1")
         if rescore < 1:
             raise InvalidInputError("rescore must be at least 1")
+        if self.adaptor_method != "none" and self.adaptor is None:  # nothing was ever added
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        q = self._prepare(q)
         if allowed_ids is not None:
             return self._search_subset(q, k, np.asarray(allowed_ids, dtype=np.int64))
         fetch = min(k * rescore, self.ntotal)
@@ -512,6 +575,7 @@ class VectorIndex:
             "spec": self.spec.text,
             "precision": self.spec.precision,
             "dim": self.dim,
+            "input_dim": self.input_dim,
             "metric": "inner_product",
             "encoder": self.encoder,
             "rescore_with": self.rescore_with,
@@ -524,6 +588,18 @@ class VectorIndex:
                 }
                 if self.binary is not None
                 else None
+            ),
+            "adaptor": (
+                None
+                if self.adaptor_method == "none"
+                else {
+                    "method": self.adaptor_method,
+                    **(
+                        {**self.adaptor.to_json(), "matrix": self._files.get("adaptor")}
+                        if self.adaptor is not None
+                        else {"matrix": None}
+                    ),
+                }
             ),
             "search": {"ef_search": self.ef_search, "nprobe": self.nprobe},
             "rows": len(self.row_ids),
@@ -567,12 +643,15 @@ class VectorIndex:
         ):
             self._files["rotation"] = f"binary_rotation.{gen}.npy"
             write_npy(folder / self._files["rotation"], self.binary.rotation)
+        if self.adaptor is not None and not (same_folder and "adaptor" in self._files):
+            self._files["adaptor"] = f"adaptor.{gen}.npy"
+            write_npy(folder / self._files["adaptor"], self.adaptor.matrix)
         manifest = self.manifest()
         writer = faiss.write_index_binary if self.spec.precision == "ubinary" else faiss.write_index
         write_with(folder / manifest["files"]["index"], lambda tmp: writer(self.index, tmp))
         write_npy(folder / manifest["files"]["ids"], self.row_ids)
         write_json(folder / MANIFEST, manifest)  # the commit point
-        keep = {*manifest["files"].values(), self._files.get("rotation")}
+        keep = {*manifest["files"].values(), self._files.get("rotation"), self._files.get("adaptor")}
         for stale in folder.iterdir():
             # older generations, and temporary files of saves that were killed half-way
             if (_GENERATION_FILE.fullmatch(stale.name) and stale.name not in keep) or _TEMP_FILE.fullmatch(
@@ -598,7 +677,17 @@ class VectorIndex:
                 encoder=m.get("encoder", ""),
                 rescore_with=m["rescore_with"],
                 binary_method=(m.get("binary") or {}).get("method", "itq"),
+                adaptor=(m.get("adaptor") or {}).get("method", "none"),
+                input_dim=m.get("input_dim"),
             )
+            if m.get("adaptor") and m["adaptor"].get("matrix"):
+                self._files["adaptor"] = m["adaptor"]["matrix"]
+                matrix = np.load(folder / m["adaptor"]["matrix"], allow_pickle=False)
+                self.adaptor = MatryoshkaAdaptor.from_json(m["adaptor"], matrix)
+                if self.adaptor.dim != self.input_dim:
+                    raise CorruptIndexError(
+                        f"index at {folder}: adaptor and input_dim disagree: re-run `kvrag index`"
+                    )
             self.generation = int(m["generation"])
             self.ef_search = int(m.get("search", {}).get("ef_search", self.ef_search))
             self.nprobe = int(m.get("search", {}).get("nprobe", self.nprobe))

@@ -47,6 +47,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         encoder=args.encoder or settings.encoder,
         spec=args.spec,
         dim=args.dim,
+        adaptor=args.adaptor,
         rescore_with=args.rescore_with,
         max_tokens=args.max_tokens,
         overlap_tokens=args.overlap_tokens,
@@ -319,6 +320,13 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
 
     settings = get_settings()
+    # --rotation names the binary-code calibration by what it does: itq, or none (mean-centring only)
+    rotation_method = {"itq": "itq", "none": "mean", None: None}[args.rotation]
+    if rotation_method and args.binary_method and args.binary_method != rotation_method:
+        raise KvragError(
+            f"--rotation {args.rotation} means --binary-method {rotation_method}, not {args.binary_method}: "
+            "give one of the two"
+        )
     cfg = RetrievalEvalConfig(
         data=Path(args.data),
         corpus=Path(args.corpus) if args.corpus else None,
@@ -327,7 +335,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         dim=args.dim,
         rescore=args.rescore,
         rescore_with=args.rescore_with,
-        binary_method=args.binary_method,
+        binary_method=rotation_method or args.binary_method or "itq",
+        adaptor=args.adaptor,
         hybrid=args.hybrid,
         bm25_language=args.bm25_language,
         limit=args.limit,
@@ -389,6 +398,34 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
         kv.store.close()
         collection.close()
     _print_json(result) if args.json else print(json.dumps(result, indent=1, ensure_ascii=False))
+    return 0
+
+
+def cmd_train_code_adapter(args: argparse.Namespace) -> int:
+    from encoders.code_adapter import AdapterConfig, train_code_adapter
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = AdapterConfig(
+        out=Path(args.out),
+        cosqa=Path(args.cosqa) if args.cosqa else None,
+        roots=tuple(args.root or ()),
+        max_pairs=args.max_pairs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        alpha=2 * args.rank,
+        seed=args.seed,
+        name_pairs_weight=args.name_pairs_weight,
+        max_steps=args.max_steps,
+        extra={"command": "kvrag " + " ".join(sys.argv[1:])},
+    )
+    progress = not args.json and sys.stderr.isatty()
+    report = train_code_adapter(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)
+    _print_json(report) if args.json else print(json.dumps(report, indent=1, ensure_ascii=False))
     return 0
 
 
@@ -567,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec", default="Flat", help="index spec: Flat, HNSW32, SQ8, BFlat, BHNSW32, BIVF256, ..."
     )
     ix.add_argument("--dim", type=int, help="Matryoshka truncation dimension")
+    ix.add_argument(
+        "--adaptor",
+        choices=("none", "pca", "learned"),
+        default="none",
+        help="Matryoshka adaptor fitted on the corpus embeddings, applied to passages and queries before"
+        " truncation (new collections only)",
+    )
     ix.add_argument("--rescore-with", default="float32", choices=["float32", "int8"])
     ix.add_argument("--max-tokens", type=int, default=256, help="passage size in encoder tokens")
     ix.add_argument("--overlap-tokens", type=int, default=32)
@@ -628,7 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dim", type=int)
     r.add_argument("--rescore", type=int, default=1)
     r.add_argument("--rescore-with", default="float32", choices=["float32", "int8"])
-    r.add_argument("--binary-method", default="itq", choices=["itq", "mean", "none"])
+    r.add_argument(
+        "--binary-method", choices=["itq", "mean", "none"], help="binary-code calibration (default itq)"
+    )
+    r.add_argument(
+        "--rotation", choices=["itq", "none"], help="binary codes: itq, or none = mean-centring only"
+    )
+    r.add_argument(
+        "--adaptor",
+        default="none",
+        choices=["none", "pca", "learned"],
+        help="Matryoshka adaptor fitted on the corpus embeddings before truncation",
+    )
     r.add_argument("--hybrid", action="store_true")
     r.add_argument("--bm25-language")
     r.add_argument("--limit", type=int, help="evaluate only the first N queries")
@@ -681,6 +736,42 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     tc.add_argument("--json", action="store_true")
     tc.set_defaults(func=cmd_train_compressor)
+    ta = tr.add_parser(
+        "code-adapter",
+        help="train a LoRA code adapter on the bundled multilingual-e5-small from docstring -> code pairs "
+        "mined from the installed Python sources",
+    )
+    ta.add_argument(
+        "--out",
+        required=True,
+        help="output folder (adapter_config.json, adapter_model.safetensors, recipe.json); "
+        "encoders/adapters/code-e5-small for bundled:code-e5-small",
+    )
+    ta.add_argument(
+        "--max-pairs", type=int, default=3000, help="training pairs (a seeded sample of those mined)"
+    )
+    ta.add_argument("--epochs", type=int, default=1)
+    ta.add_argument("--batch-size", type=int, default=32, help="pairs per step (in-batch negatives)")
+    ta.add_argument("--lr", type=float, default=3e-4)
+    ta.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    ta.add_argument("--seed", type=int, default=0)
+    ta.add_argument(
+        "--cosqa",
+        default="../shared/data/cosqa/corpus.jsonl",
+        help="CoSQA corpus whose functions are kept out of training ('' to keep none out)",
+    )
+    ta.add_argument(
+        "--name-pairs-weight", type=float, default=0.3, help="loss weight of the name -> code pairs (0: none)"
+    )
+    ta.add_argument(
+        "--root",
+        action="append",
+        help="folder of Python files to mine (repeatable; default: stdlib + site-packages)",
+    )
+    ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")
+    ta.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ta.add_argument("--json", action="store_true")
+    ta.set_defaults(func=cmd_train_code_adapter)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = bench.add_parser("ttft", help="time to first token: sequential prefill vs APE with stored caches")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from encoders.adaptor import check_method
+from encoders.compress import truncate
 from encoders.encoder import EncoderConfig, load_encoder
 from encoders.errors import InvalidInputError
 from index.hybrid import BM25Index, rrf
@@ -33,6 +35,7 @@ class RetrievalEvalConfig:
     rescore: int = 1
     rescore_with: str = "float32"
     binary_method: str = "itq"
+    adaptor: str = "none"  # Matryoshka adaptor fitted on the corpus embeddings: none, pca, learned
     hybrid: bool = False
     bm25_language: str | None = None
     depth: int = 100
@@ -45,6 +48,7 @@ def run_retrieval_eval(
     """Index the corpus, answer every query one at a time, and score the rankings."""
     if cfg.precision not in DEFAULT_SPECS:
         raise InvalidInputError(f"precision must be one of {', '.join(DEFAULT_SPECS)}")
+    check_method(cfg.adaptor)
     data = load_beir(cfg.data, corpus_dir=cfg.corpus)
     doc_ids = list(data.corpus)
     texts = [doc_text(data.corpus[d]) for d in doc_ids]
@@ -57,15 +61,21 @@ def run_retrieval_eval(
     encode_s = time.perf_counter() - t0
     dim = cfg.dim or encoder.dim
     spec = cfg.spec or DEFAULT_SPECS[cfg.precision]
+    adapted = cfg.adaptor != "none"
     index = VectorIndex(
-        spec, dim, encoder=encoder.name, rescore_with=cfg.rescore_with, binary_method=cfg.binary_method
+        spec,
+        dim,
+        encoder=encoder.name,
+        rescore_with=cfg.rescore_with,
+        binary_method=cfg.binary_method,
+        adaptor=cfg.adaptor,
+        input_dim=encoder.dim if adapted else None,
     )
     if index.spec.precision != cfg.precision:
         raise InvalidInputError(f"spec {spec} stores {index.spec.precision} codes, not {cfg.precision}")
     t0 = time.perf_counter()
-    from encoders.compress import truncate
-
-    index.add(np.arange(len(doc_ids)), truncate(doc_emb, dim))
+    # with an adaptor the index fits it on the full embeddings, then adapts and truncates them itself
+    index.add(np.arange(len(doc_ids)), doc_emb if adapted else truncate(doc_emb, dim))
     build_s = time.perf_counter() - t0
     bm25 = None
     if cfg.hybrid:
@@ -80,7 +90,7 @@ def run_retrieval_eval(
     for qid in query_ids:
         text = data.queries[qid]
         t = time.perf_counter()
-        q = query_encoder.encode([text], kind="query", dim=dim)
+        q = query_encoder.encode([text], kind="query", dim=index.input_dim)
         t_search = time.perf_counter()
         scores, ids = index.search(q, depth, rescore=cfg.rescore)
         ranked = [int(i) for i in ids[0] if i >= 0]
@@ -104,6 +114,10 @@ def run_retrieval_eval(
         "rescore": cfg.rescore,
         "rescore_with": cfg.rescore_with if cfg.rescore > 1 else None,
         "binary_method": cfg.binary_method if cfg.precision == "ubinary" else None,
+        "rotation": (
+            ("itq" if cfg.binary_method == "itq" else "none") if cfg.precision == "ubinary" else None
+        ),
+        "adaptor": cfg.adaptor,
         "hybrid": cfg.hybrid,
         "index_bytes": bytes_index,
         "bytes_per_vector": round(bytes_index / max(1, len(doc_ids)), 2),

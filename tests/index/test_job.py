@@ -465,3 +465,29 @@ def test_index_documents_directly(coll, tiny_encoder):
     assert docs[0].content_hash("64/8") != docs[0].content_hash("256/32")
     again = index_documents(coll, iter(docs), tiny_encoder)
     assert again.unchanged == 2
+
+
+@pytest.mark.parametrize("method", ["pca", "learned"])
+def test_truncated_collection_with_an_adaptor_indexes_full_embeddings(tmp_path, tiny_encoder, method):
+    """A collection with an adaptor and --dim: the job encodes at full dimension, the index adapts and
+    truncates, queries get the same transform, and all of it survives a reopen and a repair."""
+    docs = [
+        Document(id=f"d{i}", text=t) for i, t in enumerate([EN, DE, FR, *(r["text"] for r in JSONL_RECORDS)])
+    ]
+    config = CollectionConfig(encoder=tiny_encoder.name, dim=16, adaptor=method)
+    coll = Collection.create(tmp_path, "adapted", config)
+    index_documents(coll, docs, tiny_encoder)
+    index = coll.index
+    assert index.dim == 16 and index.input_dim == tiny_encoder.dim and index.adaptor is not None
+    queries = ["cold weather in the north", "Brot und Butter", "the engine hums"]
+    before = [[(h.passage_id, round(h.score, 5)) for h in coll.search(q, tiny_encoder, k=3)] for q in queries]
+    # The collection encodes the query at full dimension and the index adapts it.
+    q = tiny_encoder.encode([queries[0]], kind="query", dim=index.input_dim)
+    scores, ids = index.search(q, 3)
+    assert [int(i) for i in ids[0]] == [pid for pid, _ in before[0]]
+    coll.close()
+    again = Collection.open(tmp_path, "adapted")
+    after = [[(h.passage_id, round(h.score, 5)) for h in again.search(q, tiny_encoder, k=3)] for q in queries]
+    assert after == before
+    assert repair(again, tiny_encoder) == 0
+    again.close()

@@ -264,7 +264,9 @@ def test_index_compress_errors(env, tiny_model_dir) -> None:
     err = run_err(index_argv(env, tiny_model_dir, "bad", "--compress-rate", "0.5"))
     assert "--compress" in err
     err = run_err(
-        index_argv(env, tiny_model_dir, "bad", "--compress", "classifier", "--compressor-path", "/nonexistent")
+        index_argv(
+            env, tiny_model_dir, "bad", "--compress", "classifier", "--compressor-path", "/nonexistent"
+        )
     )
     assert "/nonexistent" in err
     err = run_err(index_argv(env, tiny_model_dir, "bad", "--compress", "selfinfo", "--compress-rate", "1.5"))

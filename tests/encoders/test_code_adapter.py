@@ -1,0 +1,299 @@
+"""The code-pair miner and the LoRA code adapter (tiny random BERT; never the bundled models)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encoders.code_adapter import (
+    AdapterConfig,
+    MiningStats,
+    Pair,
+    add_lora,
+    build_merged_folder,
+    code_encoder_folder,
+    embed,
+    fit,
+    load_base,
+    matryoshka_mnrl_loss,
+    mine_pairs,
+    read_prompts,
+    split_identifier,
+    summarise_docstring,
+    train_code_adapter,
+)
+from encoders.errors import ModelNotFoundError
+
+MODULE_A = '''
+import functools
+
+
+def parse_header_line(line, sep=":"):
+    """Split an HTTP header line into its name and value.
+
+    The name is lower-cased; surrounding whitespace is stripped.
+    """
+    name, _, value = line.partition(sep)
+    return name.strip().lower(), value.strip()
+
+
+class RingBuffer:
+    """A fixed-size buffer that overwrites its oldest items when full."""
+
+    def __init__(self, size):
+        self.items = [None] * size
+        self.start = 0
+
+    @functools.lru_cache(maxsize=None)
+    def oldest_item_index(self):
+        """Return the position of the oldest element in the ring."""
+        return self.start % len(self.items)
+
+
+# Compute the running mean of a list of numbers, skipping missing values.
+def running_mean(values):
+    total, count, out = 0.0, 0, []
+    for v in values:
+        if v is not None:
+            total += v
+            count += 1
+        out.append(total / max(count, 1))
+    return out
+
+
+def merge_sorted_lists(left, right):
+    result = []
+    while left and right:
+        result.append(left.pop(0) if left[0] <= right[0] else right.pop(0))
+    return result + left + right
+'''
+
+# The same first function with other layout, comments and docstring: a duplicate.
+MODULE_B = '''
+def parse_header_line(line, sep=':'):
+    # comment that changes nothing
+    """Another docstring for the same code, long enough to count."""
+    name, _, value = line.partition(sep)
+
+    return name.strip().lower(), value.strip()
+'''
+
+COSQA_FUNCTION = (
+    "def running_mean(values):\n"
+    '        """Running average."""\n'
+    "        total, count, out = 0.0, 0, []\n"
+    "        for v in values:\n"
+    "            if v is not None:\n"
+    "                total += v\n"
+    "                count +=  1\n"
+    "            out.append(total / max(count, 1))\n"
+    "        return out"
+)
+
+
+@pytest.fixture
+def source_tree(tmp_path) -> Path:
+    root = tmp_path / "src"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text(MODULE_A)
+    (root / "pkg" / "b.py").write_text(MODULE_B)
+    (root / "pkg" / "broken.py").write_text("def oops(:\n    pass\n")
+    (root / "pkg" / "tests").mkdir()
+    (root / "pkg" / "tests" / "test_x.py").write_text(
+        'def test_it():\n    """Checks a thing works well."""\n    assert 1\n'
+    )
+    return root
+
+
+def _mine(root, **kw):
+    stats = MiningStats()
+    kw = {"max_pairs": 100, "seed": 0, "min_code_chars": 20, **kw}
+    return mine_pairs([root], stats=stats, **kw), stats
+
+
+def test_split_identifier_and_docstring_summary():
+    assert split_identifier("read_csv_file") == "read csv file"
+    assert split_identifier("ReadCSVFile") == "read csv file"
+    assert split_identifier("_getHTTPResponse2") == "get http response 2"
+    assert (
+        summarise_docstring("First line\ncontinues here.\n\nSecond paragraph.")
+        == "First line continues here."
+    )
+    long = "Short sentence first. " + "word " * 100
+    assert summarise_docstring(long, max_chars=60) == "Short sentence first."
+
+
+def test_miner_removes_docstrings_and_keeps_parseable_code(source_tree):
+    pairs, stats = _mine(source_tree, name_pairs=False)
+    by_name = {p.name: p for p in pairs}
+    assert set(by_name) == {"parse_header_line", "RingBuffer", "oldest_item_index", "running_mean"}
+    assert stats.files == 3 and stats.files_unparsable == 1  # tests folder skipped, broken file counted
+    header = by_name["parse_header_line"]
+    assert header.query == "Split an HTTP header line into its name and value."
+    assert header.code.startswith('def parse_header_line(line, sep=":"):\n    name, _, value')
+    assert "Split an HTTP" not in header.code and '"""' not in header.code
+    method = by_name["oldest_item_index"]
+    assert method.code.startswith("@functools.lru_cache(maxsize=None)\ndef oldest_item_index(self):\n")
+    assert "oldest element" not in method.code
+    assert "fixed-size" not in by_name["RingBuffer"].code
+    assert by_name["running_mean"].query.startswith("Compute the running mean")  # leading comment
+    assert "#" not in by_name["running_mean"].code
+    for p in pairs:
+        ast.parse(p.code)
+        assert p.task == "doc"
+    assert stats.duplicate_code == 1  # b.py's copy of parse_header_line
+
+
+def test_miner_name_pairs_tests_and_determinism(source_tree):
+    pairs, _ = _mine(source_tree, name_pairs_share=1.0)
+    names = {p.query: p for p in pairs if p.task == "name"}
+    assert "merge sorted lists" in names
+    assert names["merge sorted lists"].code.startswith("def merge_sorted_lists(left, right):")
+    assert all(p.name != "__init__" for p in pairs)  # dunders make no name pair
+    again, _ = _mine(source_tree, name_pairs_share=1.0)
+    assert again == pairs
+    with_tests, stats = _mine(source_tree, include_tests=True)
+    assert stats.files == 4 and any(p.name == "test_it" for p in with_tests)
+    few, _ = _mine(source_tree, max_pairs=2, seed=3)
+    assert len(few) == 2 and few == _mine(source_tree, max_pairs=2, seed=3)[0]
+
+
+def test_miner_excludes_cosqa_functions(source_tree, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [
+        {"_id": "c0", "title": "", "text": COSQA_FUNCTION},
+        # unparsable in isolation (bad indentation): matched on the whitespace-free text
+        {
+            "_id": "c1",
+            "title": "",
+            "text": "def merge_sorted_lists(left, right):\n  result = []\n    while left and right:",
+        },
+    ]
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pairs, stats = _mine(source_tree, exclude_corpus=corpus)
+    assert "running_mean" not in {p.name for p in pairs}
+    assert stats.excluded_cosqa == 1 and stats.cosqa_functions == 2 and stats.cosqa_unparsable == 1
+    # the name + body key catches a changed signature
+    variant = COSQA_FUNCTION.replace("def running_mean(values):", "def running_mean(values: list):")
+    corpus.write_text(json.dumps({"_id": "c0", "text": variant}) + "\n")
+    pairs, stats = _mine(source_tree, exclude_corpus=corpus)
+    assert "running_mean" not in {p.name for p in pairs} and stats.excluded_cosqa == 1
+
+
+PAIRS = [
+    Pair("split a header line", "def split(line):\n    return line.partition(':')"),
+    Pair("running average of numbers", "def mean(xs):\n    return sum(xs) / len(xs)"),
+    Pair("reverse a string", "def rev(s):\n    return s[::-1]"),
+    Pair("open a file and read it", "def read(p):\n    with open(p) as f:\n        return f.read()"),
+    Pair("count words", "def count(t):\n    return len(t.split())", task="name"),
+    Pair("join paths", "def join(a, b):\n    return a + '/' + b"),
+]
+
+
+def _cfg(tmp_path, tiny_model_dir, **kw) -> AdapterConfig:
+    base = {
+        "out": tmp_path / "adapter",
+        "base": str(tiny_model_dir),
+        "dims": (32, 16),
+        "rank": 4,
+        "alpha": 8,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "heldout": 0,
+        "max_steps": 2,
+        "query_max_length": 32,
+        "code_max_length": 48,
+    }
+    return AdapterConfig(**{**base, **kw})
+
+
+def _lora_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_matryoshka_mnrl_loss_decreases_on_toy_batch(tiny_model_dir, tmp_path):
+    import torch
+
+    cfg = _cfg(tmp_path, tiny_model_dir, batch_size=6, epochs=30, max_steps=30, lora_dropout=0.0, warmup=0.0)
+    model, tok = load_base(tiny_model_dir)
+    model = add_lora(model, cfg)
+    losses = fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir))
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.6 * losses[0]  # noisy: the base keeps its dropout
+    q = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    perfect = matryoshka_mnrl_loss(q, q.clone(), (32, 16), scale=20.0)
+    shuffled = matryoshka_mnrl_loss(q, q.flip(0), (32, 16), scale=20.0)
+    assert perfect < shuffled
+
+
+def test_training_is_seeded(tiny_model_dir, tmp_path):
+    states = []
+    for _ in range(2):
+        cfg = _cfg(tmp_path, tiny_model_dir)
+        model, tok = load_base(tiny_model_dir)
+        model = add_lora(model, cfg)
+        fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir))
+        states.append(_lora_state(model))
+    assert states[0].keys() == states[1].keys() and states[0]
+    for k in states[0]:
+        assert np.array_equal(states[0][k].numpy(), states[1][k].numpy()), k
+
+
+def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.setenv("KVRAG_HOME", str(tmp_path / "home"))
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    report = train_code_adapter(cfg, pairs=PAIRS * 2, log=lambda *_: None)
+    out = cfg.out
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["steps"] == 2 == report["steps"] and recipe["config"]["rank"] == 4
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+    # the trained model, rebuilt deterministically, vs base + saved adapter in a fresh model
+    trained, tok = load_base(tiny_model_dir)
+    trained = add_lora(trained, cfg)
+    fit(trained, tok, PAIRS * 2, cfg, read_prompts(tiny_model_dir))
+    fresh = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], str(out)).eval()
+    texts = [p.code for p in PAIRS]
+    a = embed(trained, tok, texts, "passage: ", 48).numpy()
+    b = embed(fresh, tok, texts, "passage: ", 48).numpy()
+    base = embed(load_base(tiny_model_dir)[0].eval(), tok, texts, "passage: ", 48).numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.abs(a - base).max() > 1e-4  # the adapter changed something
+
+    merged_dir = build_merged_folder(tmp_path / "merged", tiny_model_dir, out)
+    st = SentenceTransformer(str(merged_dir), device="cpu")
+    st.max_seq_length = 48
+    c = st.encode(texts, prompt="passage: ", convert_to_numpy=True)
+    np.testing.assert_allclose(c, b, atol=1e-5)
+    assert st.prompts.get("query") == "query: "
+
+    # the bundled-style folder: built once, reused, rebuilt when the adapter changes
+    models = tmp_path / "models"
+    folder = code_encoder_folder(models, tiny_model_dir, out)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert code_encoder_folder(models, tiny_model_dir, out) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    cfg2 = replace(cfg, out=tmp_path / "adapter2", seed=1)
+    train_code_adapter(cfg2, pairs=PAIRS * 2, log=lambda *_: None)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / name).write_bytes((cfg2.out / name).read_bytes())
+    code_encoder_folder(models, tiny_model_dir, out)
+    marker = json.loads((folder / "kvrag-adapter.json").read_text())
+    from encoders.code_adapter import adapter_digest
+
+    assert marker["adapter_sha256_16"] == adapter_digest(out)
+
+
+def test_missing_adapter_says_how_to_train(tmp_path):
+    with pytest.raises(
+        ModelNotFoundError, match="kvrag train code-adapter --out encoders/adapters/code-e5-small"
+    ):
+        code_encoder_folder(tmp_path / "models", tmp_path / "base", tmp_path / "no-adapter")
