@@ -123,6 +123,33 @@ def read_jsonl(path: Path) -> Iterator[Document]:
             )
 
 
+def count_file_kinds(paths: list[str | Path]) -> dict[str, int]:
+    """How many source-code, text and JSONL files the paths hold (what `iter_documents` would read)."""
+    counts = {"code": 0, "text": 0, "jsonl": 0}
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            continue
+        files = (
+            [root]
+            if root.is_file()
+            else (
+                p
+                for p in root.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            )
+        )
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                counts["jsonl"] += 1
+            elif suffix in TEXT_SUFFIXES:
+                counts["text"] += 1
+            elif suffix in CODE_SUFFIXES:
+                counts["code"] += 1
+    return counts
+
+
 def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Document]:
     """Documents from files and folders (recursively; hidden entries skipped)."""
     for raw in paths:

@@ -43,8 +43,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     for path in args.paths:
         if not Path(path).expanduser().exists():
             raise KvragError(f"{path}: no such file or folder")
+    encoder_spec = args.encoder or _default_index_encoder(settings, args.collection, args.paths)
     config = CollectionConfig(
-        encoder=args.encoder or settings.encoder,
+        encoder=encoder_spec,
         spec=args.spec,
         dim=args.dim,
         adaptor=args.adaptor,
@@ -157,6 +158,28 @@ def _index_ray(settings, collection, args, options) -> tuple:
         options=options,
         show_progress=not args.json and sys.stderr.isatty(),
     )
+
+
+def _default_index_encoder(settings, name: str, paths: list[str]) -> str:
+    """The encoder of a new collection when --encoder is not given: the code encoder when every file
+    is source code, else the text encoder (an existing collection keeps the one it was built with)."""
+    from index.collection import Collection
+    from index.job import count_file_kinds
+
+    try:
+        if (Collection.folder_for(settings.root, name) / "passages.sqlite").exists():
+            return settings.encoder  # exists: it keeps its own encoder, this value is ignored
+    except KvragError:
+        return settings.encoder  # a bad name: the normal path reports it
+    kinds = count_file_kinds(paths)
+    if kinds["code"] and not kinds["text"] and not kinds["jsonl"]:
+        print(
+            f"{kinds['code']} source files and no text: new collection {name!r} uses the code encoder"
+            f" {settings.code_encoder} (--encoder overrides)",
+            file=sys.stderr,
+        )
+        return settings.code_encoder
+    return settings.encoder
 
 
 def _index_compression(collection, args) -> tuple[str, float, str | None] | None:

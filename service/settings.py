@@ -17,6 +17,7 @@ class Settings(BaseSettings):
 
     home: Path = Path("~/.local/share/kvrag")
     encoder: str = "bundled:multilingual-e5-small"
+    code_encoder: str = "bundled:code-e5-small"  # new collections of code files only (kvrag index)
     device: str = "cpu"
     batch_tokens: int = 8192
     embedding_cache: bool = True

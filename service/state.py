@@ -56,7 +56,7 @@ class AppState:
     @property
     def allowed_encoders(self) -> list[str]:
         extra = [e.strip() for e in self.settings.encoders.split(",") if e.strip()]
-        return list(dict.fromkeys([self.settings.encoder, *extra]))
+        return list(dict.fromkeys([self.settings.encoder, *extra, self.settings.code_encoder]))
 
     def encoder(self, spec: str | None = None) -> Encoder:
         spec = spec or self.settings.encoder

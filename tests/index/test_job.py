@@ -491,3 +491,27 @@ def test_truncated_collection_with_an_adaptor_indexes_full_embeddings(tmp_path, 
     assert after == before
     assert repair(again, tiny_encoder) == 0
     again.close()
+
+
+def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
+    from index.job import count_file_kinds
+    from service.cli import _default_index_encoder
+    from service.settings import Settings
+
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "pkg" / "a.py").write_text(PY, encoding="utf-8")
+    (code / "b.js").write_text(JS, encoding="utf-8")
+    (code / ".hidden.md").write_text(EN, encoding="utf-8")  # hidden: not read, not counted
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.py").write_text(PY, encoding="utf-8")
+    (mixed / "notes.md").write_text(EN, encoding="utf-8")
+    assert count_file_kinds([code]) == {"code": 2, "text": 0, "jsonl": 0}
+    assert count_file_kinds([mixed, code / "b.js"]) == {"code": 2, "text": 1, "jsonl": 0}
+    settings = Settings(home=tmp_path / "home", encoder="text-enc", code_encoder="code-enc")
+    assert _default_index_encoder(settings, "src", [str(code)]) == "code-enc"
+    assert _default_index_encoder(settings, "src", [str(mixed)]) == "text-enc"
+    # An existing collection keeps its own encoder: the default is not switched for it.
+    Collection.create(settings.root, "src", CollectionConfig(encoder="text-enc")).close()
+    assert _default_index_encoder(settings, "src", [str(code)]) == "text-enc"
