@@ -475,6 +475,7 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        extra={"command": "kvrag " + " ".join(sys.argv[1:])},
     )
     progress = not args.json and sys.stderr.isatty()
     report = train_compressor(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)

@@ -320,9 +320,16 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     random.Random(cfg.seed).shuffle(order)
     n_held = max(1, int(len(rows) * cfg.heldout))
     held, train = sorted(order[:n_held]), order[n_held:]
-    model = AutoModelForTokenClassification.from_pretrained(
-        enc_path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialised" notice is expected here
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(
+            enc_path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     torch.manual_seed(cfg.seed)
     torch.nn.init.normal_(model.classifier.weight, std=0.02)
     torch.nn.init.zeros_(model.classifier.bias)
