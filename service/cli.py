@@ -171,6 +171,11 @@ def _default_index_encoder(settings, name: str, paths: list[str]) -> str:
             return settings.encoder  # exists: it keeps its own encoder, this value is ignored
     except KvragError:
         return settings.encoder  # a bad name: the normal path reports it
+    from encoders.models import BUNDLED, BUNDLED_PREFIX
+
+    code = settings.code_encoder
+    if code.startswith(BUNDLED_PREFIX) and code[len(BUNDLED_PREFIX) :] not in BUNDLED:
+        return settings.encoder  # the code encoder is not available here (its adapter is not trained)
     kinds = count_file_kinds(paths)
     if kinds["code"] and not kinds["text"] and not kinds["jsonl"]:
         print(

@@ -511,6 +511,9 @@ def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
     assert count_file_kinds([mixed, code / "b.js"]) == {"code": 2, "text": 1, "jsonl": 0}
     settings = Settings(home=tmp_path / "home", encoder="text-enc", code_encoder="code-enc")
     assert _default_index_encoder(settings, "src", [str(code)]) == "code-enc"
+    # A bundled code encoder that is not available here (untrained adapter) falls back to text.
+    missing = Settings(home=tmp_path / "home", encoder="text-enc", code_encoder="bundled:no-such-model")
+    assert _default_index_encoder(missing, "src", [str(code)]) == "text-enc"
     assert _default_index_encoder(settings, "src", [str(mixed)]) == "text-enc"
     # An existing collection keeps its own encoder: the default is not switched for it.
     Collection.create(settings.root, "src", CollectionConfig(encoder="text-enc")).close()
