@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "--speed-methods", default="selfinfo,classifier", help="compressors timed on the same paragraphs"
     )
     ap.add_argument("--speed-passages", type=int, default=120, help="paragraphs timed per method")
+    ap.add_argument(
+        "--keep-digits", action="store_true", help="force-keep every word with a digit (both methods)"
+    )
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-url", default="memory://?max_bytes=6G")
     ap.add_argument("--threads", type=int)
@@ -135,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     compressors, sources = {}, {}
     for m in methods:
         if m == "selfinfo":
-            compressors[m], sources[m] = open_compressor(m, generator=gen), gen.spec
+            compressors[m] = open_compressor(m, generator=gen, keep_digits=args.keep_digits)
+            sources[m] = gen.spec
         elif m == "classifier":
             from encoders.models import resolve_model
 
             path = resolve_model(args.compressor_path, settings.models_dir)
-            compressors[m] = open_compressor(m, path=path)
+            compressors[m] = open_compressor(m, path=path, keep_digits=args.keep_digits)
             sources[m] = args.compressor_path
         else:
             raise SystemExit(f"unknown method {m!r}")
@@ -160,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.use_compressed = False
         else:
             report = compress_collection(
-                store, memo[method], method, rate, source=f"{sources[method]}#{rate}", generator=gen
+                store,
+                memo[method],
+                method,
+                rate,
+                source=f"{sources[method]}#{rate}" + ("#digits" if args.keep_digits else ""),
+                generator=gen,
             )
             pipeline.use_compressed = True
         hits_per_q = [pipeline.retrieve(q.question, k) for q in questions]
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator": gen.spec,
         "ape": {"temperature": settings.ape_temperature, "scale": settings.ape_scale},
         "kv_codec": "fp16",
+        "keep_digits": args.keep_digits,
         "threads": torch.get_num_threads(),
         "compressor_speed": speed,
         "settings": results,

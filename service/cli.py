@@ -749,14 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tc.add_argument("--data-dir", default="../shared/data", help="folder with scifact/ and xquad/")
     tc.add_argument("--out", required=True, help="output folder (checkpoint, delta.safetensors, recipe.json)")
-    tc.add_argument("--scifact", type=int, default=1200, help="SciFact abstracts used (the first N)")
+    tc.add_argument("--scifact", type=int, default=300, help="SciFact abstracts used (the first N)")
     tc.add_argument(
         "--langs", default="es,ru,zh,ar,hi", help="XQuAD paragraph languages (keep out the evaluated ones)"
     )
     tc.add_argument(
-        "--per-lang", type=int, default=120, help="XQuAD paragraphs per language (a seeded sample)"
+        "--per-lang", type=int, default=60, help="XQuAD paragraphs per language (a seeded sample)"
     )
-    tc.add_argument("--max-length", type=int, default=256, help="encoder tokens per passage")
+    tc.add_argument("--max-length", type=int, default=160, help="encoder tokens per passage")
     tc.add_argument("--train-layers", type=int, default=2, help="top encoder layers trained with the head")
     tc.add_argument("--epochs", type=int, default=3)
     tc.add_argument("--batch-size", type=int, default=16)

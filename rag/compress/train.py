@@ -48,10 +48,10 @@ class TrainConfig:
     out: Path
     encoder: str = "bundled:multilingual-e5-small"
     teacher: str = "bundled:smollm2-135m-instruct"
-    scifact: int = 1200  # SciFact abstracts (the first N of the corpus file)
+    scifact: int = 300  # SciFact abstracts (the first N of the corpus file)
     langs: tuple[str, ...] = ("es", "ru", "zh", "ar", "hi")  # XQuAD paragraph languages
-    per_lang: int = 120  # XQuAD paragraphs per language (a seeded sample; the languages are translations)
-    max_length: int = 256  # encoder tokens per passage (special tokens included)
+    per_lang: int = 60  # XQuAD paragraphs per language (a seeded sample; the languages are translations)
+    max_length: int = 160  # encoder tokens per passage (special tokens included)
     train_layers: int = 2  # top encoder layers trained with the head
     epochs: int = 3
     batch_size: int = 16
