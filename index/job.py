@@ -123,6 +123,17 @@ def read_jsonl(path: Path) -> Iterator[Document]:
             )
 
 
+def _files_under(root: Path) -> list[Path]:
+    """The file itself, or the files under a folder in path order (hidden entries skipped)."""
+    if root.is_file():
+        return [root]
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def count_file_kinds(paths: list[str | Path]) -> dict[str, int]:
     """How many source-code, text and JSONL files the paths hold (what `iter_documents` would read)."""
     counts = {"code": 0, "text": 0, "jsonl": 0}
@@ -130,15 +141,7 @@ def count_file_kinds(paths: list[str | Path]) -> dict[str, int]:
         root = Path(raw).expanduser()
         if not root.exists():
             continue
-        files = (
-            [root]
-            if root.is_file()
-            else (
-                p
-                for p in root.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            )
-        )
+        files = _files_under(root)
         for path in files:
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
@@ -156,16 +159,7 @@ def iter_documents(paths: list[str | Path], skipped: list[str]) -> Iterator[Docu
         root = Path(raw).expanduser().resolve()
         if not root.exists():
             raise InvalidInputError(f"{raw}: no such file or folder")
-        files = (
-            [root]
-            if root.is_file()
-            else sorted(
-                p
-                for p in root.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            )
-        )
-        for path in files:
+        for path in _files_under(root):
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
                 yield from read_jsonl(path)

@@ -451,10 +451,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         extra={"command": "kvrag " + " ".join(sys.argv[1:])},
     )
-    progress = not args.json and sys.stderr.isatty()
-    report = train_code_adapter(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)
-    _print_json(report) if args.json else print(json.dumps(report, indent=1, ensure_ascii=False))
-    return 0
+    return _run_trainer(train_code_adapter, cfg, args)
 
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
@@ -482,8 +479,13 @@ def cmd_train_compressor(args: argparse.Namespace) -> int:
         seed=args.seed,
         extra={"command": "kvrag " + " ".join(sys.argv[1:])},
     )
+    return _run_trainer(train_compressor, cfg, args)
+
+
+def _run_trainer(train, cfg, args: argparse.Namespace) -> int:
+    """Run a `kvrag train` job (progress bars on a terminal) and print its report."""
     progress = not args.json and sys.stderr.isatty()
-    report = train_compressor(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)
+    report = train(cfg, show_progress=progress, log=(lambda *_: None) if args.json else print)
     _print_json(report) if args.json else print(json.dumps(report, indent=1, ensure_ascii=False))
     return 0
 

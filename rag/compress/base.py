@@ -281,6 +281,21 @@ def _is_forced(word: str, digits: bool, listed: frozenset[str]) -> bool:
     return bool(listed) and _strip_punctuation(word).casefold() in listed
 
 
+def mean_per_word(
+    owners: Sequence[int], values: Sequence[float], n_words: int
+) -> tuple[list[float], list[int]]:
+    """Per word, the mean of its tokens' values (words without a token get the mean of the others) and
+    its token count; `owners` maps each token to its word (-1: none)."""
+    sums = [0.0] * n_words
+    counts = [0] * n_words
+    for w, v in zip(owners, values, strict=True):
+        if w >= 0:
+            sums[w] += v
+            counts[w] += 1
+    means: list[float | None] = [s / c if c else None for s, c in zip(sums, counts, strict=True)]
+    return fill_missing(means), counts
+
+
 def fill_missing(scores: list[float | None]) -> list[float]:
     """Words the tokenizer gave no token get the mean score of the others (0 when there are none)."""
     known = [s for s in scores if s is not None]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from encoders.errors import ModelNotFoundError
+from encoders.models import marker_matches, staged_folder
 
 NAME = "compressor-e5-small"
 DELTA_DIR = Path(__file__).resolve().parent / "models" / NAME
@@ -53,21 +52,13 @@ def build_classifier_folder(dest: Path, encoder_folder: Path, delta: Path) -> Pa
     missing = [n for n in ("classifier.weight", "classifier.bias") if n not in tensors]
     if missing:
         raise ModelNotFoundError(f"{delta}: no {', '.join(missing)} (not a compressor delta)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_folder(dest) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(encoder_folder)).save_pretrained(tmp)
         (tmp / "kvrag-delta.json").write_text(
             json.dumps({"delta_sha256_16": delta_digest(delta), "base": str(encoder_folder)}),
             encoding="utf-8",
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -75,11 +66,8 @@ def compressor_folder(models_dir: Path, encoder_folder: Path) -> Path:
     """The prepared folder (built on first use, rebuilt when the committed delta changed)."""
     delta = DELTA_DIR / "delta.safetensors"
     folder = Path(models_dir) / NAME
-    marker = folder / "kvrag-delta.json"
-    if marker.is_file() and delta.is_file():
-        try:
-            if json.loads(marker.read_text(encoding="utf-8")).get("delta_sha256_16") == delta_digest(delta):
-                return folder
-        except (ValueError, AttributeError):  # unreadable marker: rebuild
-            pass
+    if delta.is_file() and marker_matches(
+        folder / "kvrag-delta.json", "delta_sha256_16", delta_digest(delta)
+    ):
+        return folder
     return build_classifier_folder(folder, Path(encoder_folder), delta)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from encoders.errors import InvalidInputError, ModelNotFoundError
-from rag.compress.base import PromptCompressor, Word, WordScores, char_to_word, fill_missing, token_words
+from rag.compress.base import PromptCompressor, Word, WordScores, char_to_word, mean_per_word, token_words
 
 
 class ClassifierCompressor(PromptCompressor):
@@ -111,14 +111,7 @@ class ClassifierCompressor(PromptCompressor):
         verdicts = []
         for text, ws, (offsets, probs) in zip(texts, words, self.keep_probabilities(texts), strict=True):
             owners = token_words(offsets, char_to_word(text, ws))
-            sums = [0.0] * len(ws)
-            counts = [0] * len(ws)
-            for w, p in zip(owners, probs, strict=True):
-                if w >= 0:
-                    sums[w] += p
-                    counts[w] += 1
-            means: list[float | None] = [s / c if c else None for s, c in zip(sums, counts, strict=True)]
-            verdicts.append(WordScores(fill_missing(means), counts))
+            verdicts.append(WordScores(*mean_per_word(owners, probs, len(ws))))
         return verdicts
 
 

