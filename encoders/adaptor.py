@@ -4,13 +4,21 @@ Truncating an embedding that was not trained for it (Matryoshka style) throws aw
 dropped coordinates held. A `MatryoshkaAdaptor` first centres the L2-normalised embeddings on the
 corpus mean and maps them by a square matrix chosen so that the leading coordinates carry the most:
 
-    pca      the principal axes by decreasing variance (orthogonal: full-dimension cosines of the
-             centred vectors are unchanged, and every prefix keeps the most variance it can);
-    learned  starts from the PCA map and trains it (torch, CPU, seeded) with the unsupervised
-             objective of the Matryoshka-Adaptor (Yoon et al., 2024): for each truncation dim the
-             similarities of truncated, re-normalised vectors should reproduce the full-dimension
-             similarities of the original embeddings (all pairs of a batch, plus a listwise term on
-             each vector's nearest neighbours), with a regulariser keeping the map near its start.
+    pca      the principal axes by decreasing variance (orthogonal: every prefix keeps the most
+             variance it can);
+    learned  starts from the PCA map and trains it (torch, CPU, seeded) with a Matryoshka loss: the
+             loss at every truncation dim (re-normalised), summed, with a regulariser keeping the map
+             near its start. With pseudo-query pairs (below) the loss is MultipleNegativesRankingLoss:
+             each pseudo-query must pick its own passage among the batch's; without them it is the
+             unsupervised objective of the Matryoshka-Adaptor (Yoon et al., 2024): the similarities of
+             truncated vectors should reproduce the full-dimension similarities of the originals (all
+             pairs of a batch, plus a listwise term on each vector's nearest neighbours).
+
+Pseudo-queries come from the corpus itself, no labels: each passage's title, else its first sentence
+(`pseudo_query`), embedded as a query and paired with the passage's embedding. Queries and passages
+of asymmetric encoders (e5's `query: ` / `passage: `) sit in different regions, so a map fitted on
+passages alone keeps axes that queries barely use; with the pseudo-queries both `pca` and `learned`
+fit the mean and the principal axes on passages and pseudo-queries together.
 
 The adaptor is fitted once on the corpus, saved with the index, and applied identically to passages
 and queries: `transform(x, dim)` = normalise(truncate((normalise(x) - mean) @ matrix, dim)).
@@ -19,6 +27,7 @@ and queries: `transform(x, dim)` = normalise(truncate((normalise(x) - mean) @ ma
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,10 +51,11 @@ def check_method(method: str) -> str:
 
 @dataclass(frozen=True)
 class LearnedFit:
-    """Training options of the `learned` map (defaults: about a minute on 5k x 384 vectors, one CPU thread).
+    """Training options of the `learned` map (defaults: 10-30 s on 5k x 384 vectors, one CPU thread).
 
     `dim_weights` weights each truncation dim's loss (by default small dims count more, since they
-    lose the most); `topk` neighbours per row enter the listwise term at `temperature`."""
+    lose the most). With pseudo-queries each step ranks `batch` pairs at cosine `scale`; without,
+    `topk` neighbours per row enter the listwise term at `temperature`."""
 
     dims: tuple[int, ...] = DEFAULT_DIMS
     dim_weights: tuple[float, ...] | None = None
@@ -57,6 +67,7 @@ class LearnedFit:
     pairwise_weight: float = 1.0
     topk_weight: float = 1.0
     reg_weight: float = 0.1
+    scale: float = 20.0  # cosine scale of the pseudo-query ranking loss
     seed: int = 0
 
     def weights(self, dims: tuple[int, ...], full: int) -> tuple[float, ...]:
@@ -101,32 +112,45 @@ class MatryoshkaAdaptor:
         x: np.ndarray,
         method: AdaptorMethod = "pca",
         *,
+        queries: np.ndarray | None = None,
         learned: LearnedFit | None = None,
         max_samples: int = 20_000,
         seed: int = 0,
     ) -> MatryoshkaAdaptor:
-        """Fit on corpus embeddings (unsupervised). `method="none"` is not an adaptor: use None."""
+        """Fit on corpus embeddings `x`. `queries` (optional): pseudo-query embeddings, row i paired
+        with `x[i]` (see `pseudo_query`). `method="none"` is not an adaptor: use None."""
         check_method(method)
         if method == "none":
             raise InvalidInputError("adaptor 'none' has nothing to fit: use no adaptor instead")
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or len(x) < 2:
+        x = _check_fit_input(x, "embeddings to fit an adaptor on")
+        if len(x) < 2:
             raise InvalidInputError("an adaptor needs a 2-D array of at least two embeddings to fit on")
-        if not np.isfinite(x).all():
-            raise InvalidInputError("embeddings to fit an adaptor on contain NaN or infinite values")
-        x = normalize(x)
+        if queries is not None:
+            queries = _check_fit_input(queries, "pseudo-query embeddings")
+            if queries.shape != x.shape:
+                raise InvalidInputError(
+                    f"pseudo-queries {queries.shape} must pair row for row with the embeddings {x.shape}"
+                )
         if len(x) > max_samples:
-            x = x[np.random.default_rng(seed).choice(len(x), max_samples, replace=False)]
-        mean = x.mean(axis=0)
-        centered = (x - mean).astype(np.float64)
+            keep = np.random.default_rng(seed).choice(len(x), max_samples, replace=False)
+            x = x[keep]
+            queries = queries[keep] if queries is not None else None
+        both = x if queries is None else np.concatenate([x, queries])
+        mean = both.mean(axis=0)
+        centered = (both - mean).astype(np.float64)
         eigvals, eigvecs = np.linalg.eigh(centered.T @ centered)
         pca = eigvecs[:, np.argsort(-eigvals, kind="stable")]
         # fix each axis's sign (eigh's is arbitrary) so a fit is reproducible across LAPACK builds
         pca *= np.where(pca[np.abs(pca).argmax(axis=0), np.arange(pca.shape[1])] < 0, -1.0, 1.0)
-        info: dict = {"samples": len(x)}
+        info: dict = {"samples": len(x), "pseudo_queries": 0 if queries is None else len(queries)}
         if method == "pca":
             return cls("pca", mean, pca.astype(np.float32), info)
-        matrix, info["losses"] = _train(x, mean, pca.astype(np.float32), learned or LearnedFit())
+        opts = learned or LearnedFit()
+        if queries is None:
+            matrix, info["losses"] = _train(x, mean, pca.astype(np.float32), opts)
+        else:
+            matrix, info["losses"] = _train_pairs(queries, x, mean, pca.astype(np.float32), opts)
+        info["objective"] = "unsupervised" if queries is None else "pseudo-query ranking"
         return cls("learned", mean, matrix, info)
 
     # -- applying -------------------------------------------------------------------------------
@@ -178,6 +202,29 @@ class MatryoshkaAdaptor:
         return cls.from_json(data, matrix)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+
+
+def pseudo_query(text: str, title: str | None = None, max_words: int = 32) -> str:
+    """A query-like line for a passage, from the passage alone: its title when it has one, else its
+    first sentence (or first line), at most `max_words` words. Empty when the passage is empty."""
+    head = (title or "").strip()
+    if not head:
+        body = text.strip()
+        first_line = body.split("\n", 1)[0]
+        head = _SENTENCE_END.split(first_line, maxsplit=1)[0]
+    return " ".join(head.split()[:max_words])
+
+
+def _check_fit_input(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise InvalidInputError(f"{what} must be a 2-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidInputError(f"{what} contain NaN or infinite values")
+    return normalize(x)
+
+
 def similarity_preservation(x: np.ndarray, adaptor: MatryoshkaAdaptor | None, dim: int, k: int = 10) -> float:
     """Mean overlap of each vector's k nearest neighbours (cosine) at full dimension and after
     adapting and truncating to `dim` (1.0: identical neighbourhoods). A quick unsupervised check."""
@@ -226,6 +273,46 @@ def _train(x: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit)
             p_true = torch.softmax(target.gather(1, top) / opts.temperature, dim=1)
             listwise = -(p_true * logp.gather(1, top)).sum(dim=1).mean()
             loss = loss + weight * (opts.pairwise_weight * pairwise + opts.topk_weight * listwise)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(float(loss.detach()))
+    tenth = max(1, len(losses) // 10)
+    return w.detach().numpy().astype(np.float32), [
+        round(float(np.mean(losses[:tenth])), 5),
+        round(float(np.mean(losses[-tenth:])), 5),
+    ]
+
+
+def _train_pairs(
+    q: np.ndarray, p: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit
+) -> tuple[np.ndarray, list]:
+    """Train the map from `start` so that at every truncation dim pseudo-query i ranks passage i
+    first among a batch of passages (MultipleNegativesRankingLoss on re-normalised truncations)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, d_full = p.shape
+    dims = tuple(sorted({d for d in opts.dims if 0 < d <= d_full} | {d_full}, reverse=True))
+    if opts.steps < 1 or opts.batch < 2 or opts.scale <= 0:
+        raise InvalidInputError("learned adaptor: steps >= 1, batch >= 2 and scale > 0")
+    weights = opts.weights(dims, d_full)
+    gen = torch.Generator().manual_seed(opts.seed)
+    qc = torch.from_numpy(np.ascontiguousarray(q - mean))
+    pc = torch.from_numpy(np.ascontiguousarray(p - mean))
+    w0 = torch.from_numpy(start.copy())
+    w = torch.nn.Parameter(w0.clone())
+    optim = torch.optim.Adam([w], lr=opts.lr)
+    batch = min(opts.batch, n)
+    target = torch.arange(batch)
+    losses: list[float] = []
+    for _ in range(opts.steps):
+        idx = torch.randperm(n, generator=gen)[:batch]
+        zq, zp = qc[idx] @ w, pc[idx] @ w
+        loss = opts.reg_weight * ((w - w0) ** 2).sum() / d_full
+        for dim, weight in zip(dims, weights, strict=True):
+            sim = F.normalize(zq[:, :dim], dim=1) @ F.normalize(zp[:, :dim], dim=1).T
+            loss = loss + weight * F.cross_entropy(opts.scale * sim, target)
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -96,7 +96,7 @@ class BinaryCalibration:
         x: np.ndarray,
         method: Literal["mean", "itq", "none"] = "itq",
         *,
-        iterations: int = 50,
+        iterations: int = 100,
         seed: int = 0,
         max_samples: int = 20_000,
     ) -> BinaryCalibration:

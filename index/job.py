@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from encoders.adaptor import pseudo_query
 from encoders.encoder import Encoder
 from encoders.errors import InvalidInputError
 from index.chunking import chunk_document
 from index.collection import Collection
 from index.lang import guess_language
+from index.vector import calibrates_on_queries
 
 TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
 CODE_SUFFIXES = {
@@ -254,16 +256,22 @@ def index_documents(
     known = collection.store.document_hashes()
     index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
     seen: set[str] = set()
-    pending: list[tuple[int, str]] = []  # (passage id, embed text)
+    pending: list[tuple[int, str, str]] = []  # (passage id, embed text, pseudo-query)
     bar = tqdm(desc=f"index {collection.name}", unit="doc", disable=not show_progress)
 
     def flush() -> None:
         if not pending:
             return
         vecs = encoder.encode(
-            [t for _, t in pending], kind="passage", dim=index.input_dim, show_progress=False
+            [t for _, t, _ in pending], kind="passage", dim=index.input_dim, show_progress=False
         )
-        index.add(np.array([pid for pid, _ in pending], dtype=np.int64), vecs)
+        fit_queries = None
+        if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
+            # the first batch calibrates the index: with pseudo-queries made from its own passages
+            fit_queries = encoder.encode(
+                [q or "-" for _, _, q in pending], kind="query", dim=index.input_dim, show_progress=False
+            )
+        index.add(np.array([pid for pid, _, _ in pending], dtype=np.int64), vecs, fit_queries=fit_queries)
         report.passages_added += len(pending)
         pending.clear()
 
@@ -306,7 +314,12 @@ def index_documents(
         report.added += doc.id not in known
         report.passages_removed += index.remove(removed)
         pending.extend(
-            (pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True)
+            (
+                pid,
+                embed_text(doc.title, r["text"], r["kind"]),
+                pseudo_query(r["text"], r["title"] or doc.title),
+            )
+            for pid, r in zip(added, rows, strict=True)
         )
         collection.bm25_dirty = True
         if len(pending) >= batch_docs:

@@ -193,6 +193,12 @@ class RowStore:
         self.path, self._ram, self._map = path, [], None
 
 
+def calibrates_on_queries(adaptor: str, precision: str) -> bool:
+    """Whether an index's calibration uses pseudo-queries (see `VectorIndex.fit`): with a Matryoshka
+    adaptor or binary codes. Callers then give `add` the first batch's pseudo-query embeddings."""
+    return adaptor != "none" or precision == "ubinary"
+
+
 class VectorIndex:
     """A FAISS index plus the row stores, calibrations and id map that make it a usable index."""
 
@@ -287,12 +293,23 @@ class VectorIndex:
             and (not needs_adaptor or self.adaptor is not None)
         )
 
-    def fit(self, vectors: np.ndarray) -> None:
+    def fit(self, vectors: np.ndarray, queries: np.ndarray | None = None) -> None:
         """Calibrate on corpus vectors: the adaptor (while the index holds no rows), then int8
-        ranges, binary centring/rotation and IVF centroids on the adapted vectors."""
+        ranges, binary centring/rotation and IVF centroids on the adapted vectors.
+
+        `queries` (optional): pseudo-query embeddings paired row for row with `vectors`, in the same
+        space (see `encoders.adaptor.pseudo_query`); the adaptor and the binary calibration are then
+        fitted on passages and queries together, the adaptor's `learned` map on the pairs."""
         x = self._check(vectors)
         if len(x) == 0:
             raise InvalidInputError("cannot calibrate an index on zero vectors")
+        q = None
+        if queries is not None:
+            q = self._check(queries)
+            if q.shape != x.shape:
+                raise InvalidInputError(
+                    f"pseudo-queries {q.shape} must pair row for row with the vectors {x.shape}"
+                )
         if self.adaptor_method != "none":
             if self.adaptor is None or len(self.row_ids) == 0:
                 # the index's own dim is always among the trained truncations
@@ -300,10 +317,11 @@ class VectorIndex:
                 if self.dim not in opts.dims:
                     weights = (*opts.weights(opts.dims, x.shape[1]), float(x.shape[1]) / self.dim)
                     opts = dataclasses.replace(opts, dims=(*opts.dims, self.dim), dim_weights=weights)
-                self.adaptor = MatryoshkaAdaptor.fit(x, self.adaptor_method, learned=opts)  # type: ignore[arg-type]
+                self.adaptor = MatryoshkaAdaptor.fit(x, self.adaptor_method, queries=q, learned=opts)  # type: ignore[arg-type]
                 self.input_dim = x.shape[1]
                 self._files.pop("adaptor", None)
             x = self._prepare(x)
+        q = self._prepare(q) if q is not None else None
         if self.spec.precision == "int8" or self.rescore_with == "int8":
             self.int8 = Int8Calibration.fit(x)
         if self.spec.precision == "int8":
@@ -314,7 +332,8 @@ class VectorIndex:
             sq.is_trained = True
             self.index.is_trained = True
         if self.spec.precision == "ubinary":
-            self.binary = BinaryCalibration.fit(x, self.binary_method)  # type: ignore[arg-type]
+            both = x if q is None else np.concatenate([x, q])
+            self.binary = BinaryCalibration.fit(both, self.binary_method)  # type: ignore[arg-type]
             if self.spec.family == "bivf":
                 if len(x) < self.spec.param:
                     raise InvalidInputError(
@@ -362,8 +381,12 @@ class VectorIndex:
             self._row_of = dict(zip(self.row_ids[live].tolist(), live.tolist(), strict=True))
         return self._row_of
 
-    def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
-        """Add vectors under caller-chosen int64 ids (each id at most once; remove it first to replace)."""
+    def add(
+        self, ids: np.ndarray | list[int], vectors: np.ndarray, *, fit_queries: np.ndarray | None = None
+    ) -> None:
+        """Add vectors under caller-chosen int64 ids (each id at most once; remove it first to replace).
+        `fit_queries`: pseudo-queries paired with `vectors`, used only if this add calibrates the
+        index (see `fit`)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         x = self._check(vectors)
         if len(ids) != len(x):
@@ -379,7 +402,9 @@ class VectorIndex:
                 f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first"
             )
         if not self.fitted:
-            self.fit(x if self.adaptor_method != "none" else normalize(x))
+            raw = self.adaptor_method != "none"
+            q = None if fit_queries is None else np.asarray(fit_queries, dtype=np.float32)
+            self.fit(x if raw else normalize(x), q if raw or q is None else normalize(q))
         x = self._prepare(x)
         start = len(self.row_ids)
         rows = np.arange(start, start + len(x), dtype=np.int64)

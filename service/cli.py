@@ -365,6 +365,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
         rescore_with=args.rescore_with,
         binary_method=rotation_method or args.binary_method or "itq",
         adaptor=args.adaptor,
+        pseudo_queries=not args.no_pseudo_queries,
         hybrid=args.hybrid,
         bm25_language=args.bm25_language,
         limit=args.limit,
@@ -714,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         choices=["none", "pca", "learned"],
         help="Matryoshka adaptor fitted on the corpus embeddings before truncation",
+    )
+    r.add_argument(
+        "--no-pseudo-queries",
+        action="store_true",
+        help="fit the adaptor / binary rotation on passages only, not also on pseudo-queries made from "
+        "the corpus (titles or first sentences)",
     )
     r.add_argument("--hybrid", action="store_true")
     r.add_argument("--bm25-language")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import check_method
+from encoders.adaptor import check_method, pseudo_query
 from encoders.compress import truncate
 from encoders.encoder import EncoderConfig, load_encoder
 from encoders.errors import InvalidInputError
 from index.hybrid import BM25Index, rrf
-from index.vector import VectorIndex
+from index.vector import VectorIndex, calibrates_on_queries
 from rag.eval.beir import doc_text, evaluate, load_beir
 
 DEFAULT_SPECS = {"float32": "Flat", "int8": "SQ8", "ubinary": "BFlat"}
@@ -36,6 +36,9 @@ class RetrievalEvalConfig:
     rescore_with: str = "float32"
     binary_method: str = "itq"
     adaptor: str = "none"  # Matryoshka adaptor fitted on the corpus embeddings: none, pca, learned
+    # fit the adaptor / binary rotation on passages together with pseudo-queries made from the corpus
+    # itself (titles or first sentences, embedded as queries; see encoders.adaptor)
+    pseudo_queries: bool = True
     hybrid: bool = False
     bm25_language: str | None = None
     depth: int = 100
@@ -74,8 +77,18 @@ def run_retrieval_eval(
     if index.spec.precision != cfg.precision:
         raise InvalidInputError(f"spec {spec} stores {index.spec.precision} codes, not {cfg.precision}")
     t0 = time.perf_counter()
+    fit_queries = None
+    if cfg.pseudo_queries and calibrates_on_queries(cfg.adaptor, index.spec.precision):
+        fit_queries = encoder.encode(
+            [pseudo_query(d.get("text", ""), d.get("title")) or "-" for d in data.corpus.values()],
+            kind="query",
+            show_progress=show_progress,
+        )
+        fit_queries = fit_queries if adapted else truncate(fit_queries, dim)
     # with an adaptor the index fits it on the full embeddings, then adapts and truncates them itself
-    index.add(np.arange(len(doc_ids)), doc_emb if adapted else truncate(doc_emb, dim))
+    index.add(
+        np.arange(len(doc_ids)), doc_emb if adapted else truncate(doc_emb, dim), fit_queries=fit_queries
+    )
     build_s = time.perf_counter() - t0
     bm25 = None
     if cfg.hybrid:
@@ -118,6 +131,7 @@ def run_retrieval_eval(
             ("itq" if cfg.binary_method == "itq" else "none") if cfg.precision == "ubinary" else None
         ),
         "adaptor": cfg.adaptor,
+        "pseudo_queries": fit_queries is not None,
         "hybrid": cfg.hybrid,
         "index_bytes": bytes_index,
         "bytes_per_vector": round(bytes_index / max(1, len(doc_ids)), 2),

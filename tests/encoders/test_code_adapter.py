@@ -257,7 +257,7 @@ def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypa
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
     # the trained model, rebuilt deterministically, vs base + saved adapter in a fresh model
-    trained, tok = load_base(tiny_model_dir)
+    trained, tok = load_base(tiny_model_dir, attention_dropout=cfg.attention_dropout)
     trained = add_lora(trained, cfg)
     fit(trained, tok, PAIRS * 2, cfg, read_prompts(tiny_model_dir))
     fresh = PeftModel.from_pretrained(load_base(tiny_model_dir)[0], str(out)).eval()

@@ -493,6 +493,50 @@ def test_truncated_collection_with_an_adaptor_indexes_full_embeddings(tmp_path, 
     again.close()
 
 
+@pytest.mark.parametrize(
+    ("spec", "adaptor", "expect"), [("Flat", "pca", True), ("BFlat", "none", True), ("Flat", "none", False)]
+)
+def test_first_batch_calibrates_on_pseudo_queries_of_its_passages(
+    tmp_path, tiny_encoder, monkeypatch, spec, adaptor, expect
+):
+    """The batch that calibrates a new index brings pseudo-queries (titles, else first sentences)
+    embedded as queries; later batches and indexes that need no calibration bring none."""
+    from index.vector import VectorIndex
+
+    calls = []
+    real_add = VectorIndex.add
+
+    def spy(self, ids, vectors, *, fit_queries=None):
+        calls.append((self.fitted, None if fit_queries is None else np.asarray(fit_queries).shape))
+        return real_add(self, ids, vectors, fit_queries=fit_queries)
+
+    monkeypatch.setattr(VectorIndex, "add", spy)
+    encoded: list[tuple[str, tuple[str, ...]]] = []
+    real_encode = tiny_encoder.encode
+
+    def spy_encode(texts, *, kind="passage", dim=None, show_progress=False):
+        encoded.append((kind, tuple(texts)))
+        return real_encode(texts, kind=kind, dim=dim, show_progress=show_progress)
+
+    monkeypatch.setattr(tiny_encoder, "encode", spy_encode)
+    docs = [
+        Document(id="a", text="Cats purr softly. They nap all day.", title="On cats"),
+        Document(id="b", text="Tea is brewed. Milk is optional."),
+    ]
+    coll = Collection.create(
+        tmp_path, "pq", CollectionConfig(encoder=tiny_encoder.name, spec=spec, adaptor=adaptor)
+    )
+    index_documents(coll, docs, tiny_encoder)
+    index_documents(coll, [Document(id="c", text="A third one. Later.", title="Third")], tiny_encoder)
+    first_fitted, shape = calls[0]
+    assert not first_fitted or not expect
+    assert (shape == (2, tiny_encoder.dim)) if expect else shape is None
+    assert all(s is None for _, s in calls[1:])
+    queries = [t for kind, t in encoded if kind == "query"]
+    assert queries == ([("On cats", "Tea is brewed.")] if expect else [])
+    coll.close()
+
+
 def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
     from index.job import count_file_kinds
     from service.cli import _default_index_encoder
