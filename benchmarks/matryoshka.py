@@ -8,8 +8,8 @@ then builds its own index (`VectorIndex`, exactly as `kvrag eval retrieval` does
 rotations are fitted on the corpus, never on the test queries) and answers the same queries.
 Settings: float32 at full dimension (the baseline), float32 at each `--dims` for adaptor none /
 pca / learned, the fitted ones on passages alone and on passages plus pseudo-queries, and ubinary at
-full dimension with rotation itq (both ways) / none (mean-centring), each without and with
-`--rescore`x float rescoring. Prints one JSON object: nDCG@10 and recall@100 per setting and nDCG@10
+full dimension with rotation itq (both ways; and after a learned adaptor, which a binary index trains
+at its own dimension only) / none (mean-centring), each without and with `--rescore`x float rescoring. Prints one JSON object: nDCG@10 and recall@100 per setting and nDCG@10
 as a fraction of the baseline's.
 """
 
@@ -92,9 +92,14 @@ def run(args: argparse.Namespace) -> dict:
             for pq in (False, True) if adaptor != "none" else (False,):
                 rows.append(score("Flat", dim, adaptor=adaptor, pseudo_queries=pq))
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    for rotation, pq in (("itq", False), ("itq", True), ("none", False)):
+    binary = [("none", "itq", False), ("none", "itq", True), ("none", "none", False)]
+    if "learned" in args.adaptors:
+        binary.insert(2, ("learned", "itq", True))
+    for adaptor, rotation, pq in binary:
         for rescore in (1, args.rescore):
-            rows.append(score("BFlat", full, rotation=rotation, rescore=rescore, pseudo_queries=pq))
+            rows.append(
+                score("BFlat", full, adaptor=adaptor, rotation=rotation, rescore=rescore, pseudo_queries=pq)
+            )
             print(json.dumps(rows[-1]), file=sys.stderr)
     base = rows[0]["ndcg@10"]
     for r in rows:

@@ -312,9 +312,12 @@ class VectorIndex:
                 )
         if self.adaptor_method != "none":
             if self.adaptor is None or len(self.row_ids) == 0:
-                # the index's own dim is always among the trained truncations
+                # the index's own dim is always among the trained truncations; binary codes search
+                # on all of their bits, never on a prefix, so they train at the index's dim alone
                 opts = self.learned
-                if self.dim not in opts.dims:
+                if self.spec.precision == "ubinary":
+                    opts = dataclasses.replace(opts, dims=(self.dim,), dim_weights=None)
+                elif self.dim not in opts.dims:
                     weights = (*opts.weights(opts.dims, x.shape[1]), float(x.shape[1]) / self.dim)
                     opts = dataclasses.replace(opts, dims=(*opts.dims, self.dim), dim_weights=weights)
                 self.adaptor = MatryoshkaAdaptor.fit(x, self.adaptor_method, queries=q, learned=opts)  # type: ignore[arg-type]
