@@ -6,11 +6,12 @@ The corpus is encoded once (through the embedding cache), its pseudo-queries (ea
 or first sentence, `encoders.adaptor.pseudo_query`) once, and the test queries once; every setting
 then builds its own index (`VectorIndex`, exactly as `kvrag eval retrieval` does: adaptors and
 rotations are fitted on the corpus, never on the test queries) and answers the same queries.
-Settings: float32 at full dimension (the baseline), float32 at each `--dims` for adaptor none /
-pca / learned, the fitted ones on passages alone and on passages plus pseudo-queries, and ubinary at
-full dimension with rotation itq (both ways; and after a learned adaptor, which a binary index trains
-at its own dimension only) / none (mean-centring), each without and with `--rescore`x float rescoring. Prints one JSON object: nDCG@10 and recall@100 per setting and nDCG@10
-as a fraction of the baseline's.
+Settings: float32 at full dimension (the baseline); float32 at each `--dims` for adaptor none /
+pca / learned, the fitted ones on passages alone and on passages plus pseudo-queries; ubinary at full
+dimension with rotation itq or none (mean-centring), each fitted both ways, and itq after a learned
+adaptor (which a binary index trains at its own dimension only); every binary setting without and
+with `--rescore`x float rescoring. Prints one JSON object: nDCG@10 and recall@100 per setting and
+nDCG@10 as a fraction of the baseline's.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             for pq in (False, True) if adaptor != "none" else (False,):
                 rows.append(score("Flat", dim, adaptor=adaptor, pseudo_queries=pq))
                 print(json.dumps(rows[-1]), file=sys.stderr)
-    binary = [("none", "itq", False), ("none", "itq", True), ("none", "none", False)]
+    binary = [("none", "itq", False), ("none", "itq", True), ("none", "none", False), ("none", "none", True)]
     if "learned" in args.adaptors:
         binary.insert(2, ("learned", "itq", True))
     for adaptor, rotation, pq in binary:

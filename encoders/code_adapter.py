@@ -33,7 +33,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -267,6 +267,7 @@ def extract_candidates(
     min_query_words: int,
     max_query_chars: int,
     name_pairs: bool,
+    docstring_rest: bool = False,
 ) -> list[_Candidate]:
     """The (query, code) candidates of one Python file; its functions and classes are counted in `stats`."""
     try:
@@ -302,6 +303,16 @@ def extract_candidates(
             seg = lines[start - 1 : first] + lines[last + 1 : end]
             doc = ast.get_docstring(node, clean=True) or ""
             query = summarise_docstring(doc, max_query_chars)
+            rest = doc.strip().split("\n\n", 1)[1].strip() if "\n\n" in doc.strip() else ""
+            if docstring_rest and rest and '"""' not in rest and not rest.endswith("\\"):
+                # keep the docstring without its first paragraph (the query): the code then looks like
+                # documented code, as code to search usually is, yet does not contain the query
+                pad = " " * d.col_offset
+                rest_lines = rest.splitlines()
+                kept = [f"{pad}{x}\n" if x.strip() else "\n" for x in rest_lines]
+                kept[0] = f'{pad}"""{rest_lines[0]}\n'
+                kept[-1] = kept[-1][:-1] + '"""\n'
+                seg = lines[start - 1 : first] + kept + lines[last + 1 : end]
         else:
             query = _leading_comment(lines, start)[:max_query_chars]
         if not _usable_query(query, min_query_words):
@@ -345,6 +356,7 @@ def mine_pairs(
     max_code_chars: int = 2000,
     min_query_words: int = 3,
     max_query_chars: int = 300,
+    docstring_rest: bool = False,
     stats: MiningStats | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Pair]:
@@ -383,6 +395,7 @@ def mine_pairs(
                 min_query_words=min_query_words,
                 max_query_chars=max_query_chars,
                 name_pairs=name_pairs,
+                docstring_rest=docstring_rest,
             ):
                 if any(k in excluded for k in c.keys):
                     stats.excluded_cosqa += 1
@@ -424,6 +437,11 @@ class AdapterConfig:
     cosqa: Path | None = DEFAULT_COSQA
     roots: tuple[str, ...] = ()  # empty: stdlib + site-packages
     include_tests: bool = False
+    # keep the docstring minus its first paragraph (the query) on the code side; False: no docstring
+    docstring_rest: bool = True
+    # "web": docstring queries lower-cased, trailing punctuation dropped (as people type searches)
+    query_style: Literal["docstring", "web"] = "web"
+    batching: Literal["random", "source"] = "source"  # source: batches of neighbouring files (harder)
     max_pairs: int = 3000
     name_pairs_weight: float = 0.3  # loss weight of the name -> code task (0: no name pairs)
     name_pairs_share: float = 0.2  # at most this share of the pairs are name pairs
@@ -445,6 +463,11 @@ class AdapterConfig:
     seed: int = 0
     max_steps: int | None = None  # stop early (timing probes, tests)
     extra: dict = field(default_factory=dict)
+
+
+def web_query(text: str) -> str:
+    """A docstring summary the way people type a search: lower-case, no trailing punctuation."""
+    return text.strip().rstrip(".!:;").strip().lower()
 
 
 def target_modules(ffn: bool) -> str:
@@ -571,6 +594,30 @@ def evaluate(model, tokenizer, pairs: Sequence[Pair], prompts: dict[str, str], c
     return out
 
 
+def make_batches(
+    pairs: Sequence[Pair], code_lengths: Sequence[int], cfg: AdapterConfig, rng: random.Random
+) -> list[list[int]]:
+    """One epoch's batches of pair indices, in random order. `random`: random pairs, drawn from
+    windows of 8 batches sorted by code length (less padding). `source`: pairs sorted by source file
+    and cut into batches, so a batch holds neighbours in the source tree: they share a package's
+    vocabulary and idioms, which makes harder in-batch negatives than unrelated libraries."""
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    if cfg.batching == "source":
+        order.sort(key=lambda i: pairs[i].source.rsplit(":", 1)[0])
+        batches = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
+    elif cfg.batching == "random":
+        window = 8 * cfg.batch_size
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: code_lengths[i])
+            batches += [chunk[b : b + cfg.batch_size] for b in range(0, len(chunk), cfg.batch_size)]
+    else:
+        raise InvalidInputError(f"batching must be 'source' or 'random', not {cfg.batching!r}")
+    rng.shuffle(batches)
+    return batches
+
+
 def fit(
     model,
     tokenizer,
@@ -601,15 +648,7 @@ def fit(
     model.train()
     bar = tqdm(total=total, desc="training", unit="step", disable=not show_progress)
     for _epoch in range(cfg.epochs):
-        # Random batches, but drawn from windows of 8 batches sorted by code length: much less padding.
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        window = 8 * cfg.batch_size
-        batches = []
-        for w in range(0, len(order), window):
-            chunk = sorted(order[w : w + window], key=lambda i: len(c_rows[i]))
-            batches += [chunk[b : b + cfg.batch_size] for b in range(0, len(chunk), cfg.batch_size)]
-        rng.shuffle(batches)
+        batches = make_batches(pairs, [len(r) for r in c_rows], cfg, rng)
         for idx in batches:
             if len(idx) < 2 or len(losses) >= total:
                 continue  # one pair has no in-batch negative
@@ -671,11 +710,14 @@ def train_code_adapter(
                 name_pairs=cfg.name_pairs_weight > 0,
                 name_pairs_share=cfg.name_pairs_share * cfg.max_pairs / (cfg.max_pairs + cfg.heldout),
                 include_tests=cfg.include_tests,
+                docstring_rest=cfg.docstring_rest,
                 stats=stats,
                 progress=bar.update,
             )
         log(f"mined {len(pairs)} pairs from {stats.files} files in {stats.seconds} s")
     pairs = list(pairs)
+    if cfg.query_style == "web":
+        pairs = [replace(p, query=web_query(p.query)) if p.task == "doc" else p for p in pairs]
     doc_idx = [i for i, p in enumerate(pairs) if p.task == "doc"]
     n_held = min(cfg.heldout, len(doc_idx) // 5)
     held_set = set(random.Random(cfg.seed + 2).sample(doc_idx, n_held)) if n_held >= 2 else set()

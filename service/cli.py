@@ -442,6 +442,9 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         cosqa=Path(args.cosqa) if args.cosqa else None,
         roots=tuple(args.root or ()),
         max_pairs=args.max_pairs,
+        docstring_rest=not args.drop_docstring,
+        query_style=args.query_style,
+        batching=args.batching,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -805,6 +808,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--root",
         action="append",
         help="folder of Python files to mine (repeatable; default: stdlib + site-packages)",
+    )
+    ta.add_argument(
+        "--drop-docstring",
+        action="store_true",
+        help="remove the whole docstring from the code side (default: remove only its first paragraph, "
+        "which becomes the query, and keep the rest)",
+    )
+    ta.add_argument(
+        "--query-style",
+        choices=["web", "docstring"],
+        default="web",
+        help="web: docstring queries lower-cased without trailing punctuation, as searches are typed",
+    )
+    ta.add_argument(
+        "--batching",
+        choices=["source", "random"],
+        default="source",
+        help="source: each batch holds pairs from neighbouring files (harder in-batch negatives)",
     )
     ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")
     ta.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

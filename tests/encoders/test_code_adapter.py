@@ -20,14 +20,16 @@ from encoders.code_adapter import (
     embed,
     fit,
     load_base,
+    make_batches,
     matryoshka_mnrl_loss,
     mine_pairs,
     read_prompts,
     split_identifier,
     summarise_docstring,
     train_code_adapter,
+    web_query,
 )
-from encoders.errors import ModelNotFoundError
+from encoders.errors import InvalidInputError, ModelNotFoundError
 
 MODULE_A = '''
 import functools
@@ -147,6 +149,24 @@ def test_miner_removes_docstrings_and_keeps_parseable_code(source_tree):
         ast.parse(p.code)
         assert p.task == "doc"
     assert stats.duplicate_code == 1  # b.py's copy of parse_header_line
+
+
+def test_miner_can_keep_the_docstring_without_its_query(source_tree):
+    strict, _ = _mine(source_tree, name_pairs=False)
+    kept, stats = _mine(source_tree, name_pairs=False, docstring_rest=True)
+    by_name = {p.name: p for p in kept}
+    header = by_name["parse_header_line"]
+    assert header.query == "Split an HTTP header line into its name and value."
+    # the first paragraph (the query) is gone, the rest of the docstring stays, and the code parses
+    assert "Split an HTTP" not in header.code
+    assert '"""The name is lower-cased; surrounding whitespace is stripped."""' in header.code
+    assert ast.get_docstring(ast.parse(header.code).body[0]) == (
+        "The name is lower-cased; surrounding whitespace is stripped."
+    )
+    # one-paragraph docstrings leave nothing to keep; the same pairs are mined either way
+    assert "fixed-size" not in by_name["RingBuffer"].code and '"""' not in by_name["oldest_item_index"].code
+    assert [(p.name, p.query) for p in kept] == [(p.name, p.query) for p in strict]
+    assert stats.code_unparsable == 0
 
 
 def test_miner_name_pairs_tests_and_determinism(source_tree):
@@ -297,3 +317,24 @@ def test_missing_adapter_says_how_to_train(tmp_path):
         ModelNotFoundError, match="kvrag train code-adapter --out encoders/adapters/code-e5-small"
     ):
         code_encoder_folder(tmp_path / "models", tmp_path / "base", tmp_path / "no-adapter")
+
+
+def test_web_queries_and_source_batches(tmp_path):
+    import random
+
+    assert web_query("Split an HTTP header line into its name and value.") == (
+        "split an http header line into its name and value"
+    )
+    assert web_query("Return x:") == "return x"
+    pairs = [Pair(f"q{i}", f"def f{i}(): pass", source=f"/lib/pkg{i % 3}/m.py:{i}") for i in range(12)]
+    cfg = AdapterConfig(out=tmp_path, batch_size=4, batching="source")
+    batches = make_batches(pairs, [10] * 12, cfg, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(12))
+    for b in batches:  # 4 pairs per file, 4 per batch: every batch is one file's pairs
+        assert len({pairs[i].source.rsplit(":", 1)[0] for i in b}) == 1
+    cfg = AdapterConfig(out=tmp_path, batch_size=4, batching="random")
+    mixed = make_batches(pairs, list(range(12)), cfg, random.Random(0))
+    assert sorted(i for b in mixed for i in b) == list(range(12))
+    assert any(len({pairs[i].source.rsplit(":", 1)[0] for i in b}) > 1 for b in mixed)
+    with pytest.raises(InvalidInputError, match="batching"):
+        make_batches(pairs, [1] * 12, AdapterConfig(out=tmp_path, batching="nope"), random.Random(0))  # type: ignore[arg-type]
