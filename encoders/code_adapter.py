@@ -440,8 +440,8 @@ class AdapterConfig:
     # keep the docstring minus its first paragraph (the query) on the code side; False: no docstring
     docstring_rest: bool = True
     # "web": docstring queries lower-cased, trailing punctuation dropped (as people type searches)
-    query_style: Literal["docstring", "web"] = "web"
-    batching: Literal["random", "source"] = "source"  # source: batches of neighbouring files (harder)
+    query_style: Literal["docstring", "web"] = "docstring"
+    batching: Literal["random", "source"] = "random"  # source: batches of neighbouring files (harder)
     max_pairs: int = 3000
     name_pairs_weight: float = 0.3  # loss weight of the name -> code task (0: no name pairs)
     name_pairs_share: float = 0.2  # at most this share of the pairs are name pairs

@@ -174,6 +174,8 @@ def _default_index_encoder(settings, name: str, paths: list[str]) -> str:
     from encoders.models import BUNDLED, BUNDLED_PREFIX
 
     code = settings.code_encoder
+    if code == settings.encoder:
+        return settings.encoder
     if code.startswith(BUNDLED_PREFIX) and code[len(BUNDLED_PREFIX) :] not in BUNDLED:
         return settings.encoder  # the code encoder is not available here (its adapter is not trained)
     kinds = count_file_kinds(paths)
@@ -817,14 +819,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ta.add_argument(
         "--query-style",
-        choices=["web", "docstring"],
-        default="web",
+        choices=["docstring", "web"],
+        default="docstring",
         help="web: docstring queries lower-cased without trailing punctuation, as searches are typed",
     )
     ta.add_argument(
         "--batching",
-        choices=["source", "random"],
-        default="source",
+        choices=["random", "source"],
+        default="random",
         help="source: each batch holds pairs from neighbouring files (harder in-batch negatives)",
     )
     ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")

@@ -559,6 +559,9 @@ def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
     missing = Settings(home=tmp_path / "home", encoder="text-enc", code_encoder="bundled:no-such-model")
     assert _default_index_encoder(missing, "src", [str(code)]) == "text-enc"
     assert _default_index_encoder(settings, "src", [str(mixed)]) == "text-enc"
+    # The default code encoder is the text encoder itself: nothing to switch.
+    same = Settings(home=tmp_path / "home", encoder="text-enc", code_encoder="text-enc")
+    assert _default_index_encoder(same, "src", [str(code)]) == "text-enc"
     # An existing collection keeps its own encoder: the default is not switched for it.
     Collection.create(settings.root, "src", CollectionConfig(encoder="text-enc")).close()
     assert _default_index_encoder(settings, "src", [str(code)]) == "text-enc"
