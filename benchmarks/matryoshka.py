@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.adaptor import pseudo_query  # noqa: E402
+from encoders.adaptor import encode_pseudo_queries  # noqa: E402
 from encoders.compress import truncate  # noqa: E402
 from encoders.encoder import load_encoder  # noqa: E402
 from index.vector import VectorIndex  # noqa: E402
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> dict:
     encoder = load_encoder(get_settings().encoder_config(args.encoder))
     docs = encoder.encode([doc_text(data.corpus[d]) for d in doc_ids], kind="passage")
     queries = encoder.encode([data.queries[q] for q in query_ids], kind="query")
-    pseudo = encoder.encode(
-        [pseudo_query(data.corpus[d].get("text", ""), data.corpus[d].get("title")) or "-" for d in doc_ids],
-        kind="query",
+    pseudo = encode_pseudo_queries(
+        encoder, [(data.corpus[d].get("text", ""), data.corpus[d].get("title")) for d in doc_ids]
     )
     full = encoder.dim
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -216,6 +217,19 @@ def pseudo_query(text: str, title: str | None = None, max_words: int = 32) -> st
     return " ".join(head.split()[:max_words])
 
 
+def encode_pseudo_queries(
+    encoder,
+    passages: Iterable[tuple[str, str | None]],
+    *,
+    dim: int | None = None,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Query embeddings of the pseudo-queries of (text, title) passages, row for row (an empty
+    passage gets a placeholder: encoders refuse empty text)."""
+    texts = [pseudo_query(text, title) or "-" for text, title in passages]
+    return encoder.encode(texts, kind="query", dim=dim, show_progress=show_progress)
+
+
 def _check_fit_input(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -239,40 +253,20 @@ def similarity_preservation(x: np.ndarray, adaptor: MatryoshkaAdaptor | None, di
     return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(a.tolist(), b.tolist(), strict=True)]))
 
 
-def _train(x: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit) -> tuple[np.ndarray, list]:
-    """Train the map from `start`; returns it and the mean loss of the first and last tenth of steps."""
+def _optimise(start: np.ndarray, n: int, opts: LearnedFit, batch: int, batch_loss) -> tuple[np.ndarray, list]:
+    """Adam on the map from `start`: each step draws `batch` of `n` rows (seeded) and minimises
+    `batch_loss(idx, w)` plus a regulariser keeping the map near `start`. Returns the map and the mean
+    loss of the first and last tenth of steps."""
     import torch
 
-    n, d_full = x.shape
-    dims = tuple(sorted({d for d in opts.dims if 0 < d <= d_full} | {d_full}, reverse=True))
-    if opts.steps < 1 or opts.batch < 2 or opts.topk < 1 or opts.temperature <= 0:
-        raise InvalidInputError("learned adaptor: steps >= 1, batch >= 2, topk >= 1 and temperature > 0")
-    weights = opts.weights(dims, d_full)
     gen = torch.Generator().manual_seed(opts.seed)
-    xs = torch.from_numpy(np.ascontiguousarray(x))
-    centered = torch.from_numpy(np.ascontiguousarray(x - mean))
     w0 = torch.from_numpy(start.copy())
     w = torch.nn.Parameter(w0.clone())
     optim = torch.optim.Adam([w], lr=opts.lr)
-    batch, k = min(opts.batch, n), min(opts.topk, n - 1)
-    eye = torch.eye(batch, dtype=torch.bool)
-    off = (~eye).float()
     losses: list[float] = []
     for _ in range(opts.steps):
         idx = torch.randperm(n, generator=gen)[:batch]
-        target = _standardise(xs[idx] @ xs[idx].T, off)
-        top = target.masked_fill(eye, -torch.inf).topk(k, dim=1).indices
-        z = centered[idx] @ w
-        loss = opts.reg_weight * ((w - w0) ** 2).sum() / d_full
-        for dim, weight in zip(dims, weights, strict=True):
-            zd = torch.nn.functional.normalize(z[:, :dim], dim=1)
-            sim = _standardise(zd @ zd.T, off)
-            pairwise = ((sim - target) ** 2).sum() / (batch * (batch - 1))
-            # listwise: each row's true top-k neighbours should stay on top, in order
-            logp = torch.log_softmax(sim.masked_fill(eye, -torch.inf) * opts.temperature**-1, dim=1)
-            p_true = torch.softmax(target.gather(1, top) / opts.temperature, dim=1)
-            listwise = -(p_true * logp.gather(1, top)).sum(dim=1).mean()
-            loss = loss + weight * (opts.pairwise_weight * pairwise + opts.topk_weight * listwise)
+        loss = opts.reg_weight * ((w - w0) ** 2).sum() / start.shape[0] + batch_loss(idx, w)
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -282,46 +276,73 @@ def _train(x: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit)
         round(float(np.mean(losses[:tenth])), 5),
         round(float(np.mean(losses[-tenth:])), 5),
     ]
+
+
+def _trained_dims(opts: LearnedFit, d_full: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The truncation dims a fit trains (the full dim always among them), largest first, and their weights."""
+    dims = tuple(sorted({d for d in opts.dims if 0 < d <= d_full} | {d_full}, reverse=True))
+    return dims, opts.weights(dims, d_full)
+
+
+def _train(x: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit) -> tuple[np.ndarray, list]:
+    """Unsupervised: truncated similarities should reproduce the full-dimension ones (pairwise) and
+    keep each row's true top-k neighbours on top (listwise)."""
+    import torch
+
+    n, d_full = x.shape
+    if opts.steps < 1 or opts.batch < 2 or opts.topk < 1 or opts.temperature <= 0:
+        raise InvalidInputError("learned adaptor: steps >= 1, batch >= 2, topk >= 1 and temperature > 0")
+    dims, weights = _trained_dims(opts, d_full)
+    xs = torch.from_numpy(np.ascontiguousarray(x))
+    centered = torch.from_numpy(np.ascontiguousarray(x - mean))
+    batch, k = min(opts.batch, n), min(opts.topk, n - 1)
+    eye = torch.eye(batch, dtype=torch.bool)
+    off = (~eye).float()
+
+    def batch_loss(idx, w):
+        target = _standardise(xs[idx] @ xs[idx].T, off)
+        top = target.masked_fill(eye, -torch.inf).topk(k, dim=1).indices
+        p_true = torch.softmax(target.gather(1, top) / opts.temperature, dim=1)
+        z = centered[idx] @ w
+        loss = z.new_zeros(())
+        for dim, weight in zip(dims, weights, strict=True):
+            zd = torch.nn.functional.normalize(z[:, :dim], dim=1)
+            sim = _standardise(zd @ zd.T, off)
+            pairwise = ((sim - target) ** 2).sum() / (batch * (batch - 1))
+            logp = torch.log_softmax(sim.masked_fill(eye, -torch.inf) / opts.temperature, dim=1)
+            listwise = -(p_true * logp.gather(1, top)).sum(dim=1).mean()
+            loss = loss + weight * (opts.pairwise_weight * pairwise + opts.topk_weight * listwise)
+        return loss
+
+    return _optimise(start, n, opts, batch, batch_loss)
 
 
 def _train_pairs(
     q: np.ndarray, p: np.ndarray, mean: np.ndarray, start: np.ndarray, opts: LearnedFit
 ) -> tuple[np.ndarray, list]:
-    """Train the map from `start` so that at every truncation dim pseudo-query i ranks passage i
+    """Supervised by pseudo-queries: at every truncation dim pseudo-query i should rank passage i
     first among a batch of passages (MultipleNegativesRankingLoss on re-normalised truncations)."""
     import torch
     import torch.nn.functional as F
 
     n, d_full = p.shape
-    dims = tuple(sorted({d for d in opts.dims if 0 < d <= d_full} | {d_full}, reverse=True))
     if opts.steps < 1 or opts.batch < 2 or opts.scale <= 0:
         raise InvalidInputError("learned adaptor: steps >= 1, batch >= 2 and scale > 0")
-    weights = opts.weights(dims, d_full)
-    gen = torch.Generator().manual_seed(opts.seed)
+    dims, weights = _trained_dims(opts, d_full)
     qc = torch.from_numpy(np.ascontiguousarray(q - mean))
     pc = torch.from_numpy(np.ascontiguousarray(p - mean))
-    w0 = torch.from_numpy(start.copy())
-    w = torch.nn.Parameter(w0.clone())
-    optim = torch.optim.Adam([w], lr=opts.lr)
     batch = min(opts.batch, n)
     target = torch.arange(batch)
-    losses: list[float] = []
-    for _ in range(opts.steps):
-        idx = torch.randperm(n, generator=gen)[:batch]
+
+    def batch_loss(idx, w):
         zq, zp = qc[idx] @ w, pc[idx] @ w
-        loss = opts.reg_weight * ((w - w0) ** 2).sum() / d_full
+        loss = zq.new_zeros(())
         for dim, weight in zip(dims, weights, strict=True):
             sim = F.normalize(zq[:, :dim], dim=1) @ F.normalize(zp[:, :dim], dim=1).T
             loss = loss + weight * F.cross_entropy(opts.scale * sim, target)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        losses.append(float(loss.detach()))
-    tenth = max(1, len(losses) // 10)
-    return w.detach().numpy().astype(np.float32), [
-        round(float(np.mean(losses[:tenth])), 5),
-        round(float(np.mean(losses[-tenth:])), 5),
-    ]
+        return loss
+
+    return _optimise(start, n, opts, batch, batch_loss)
 
 
 def _standardise(sim, off):

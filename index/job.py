@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import pseudo_query
+from encoders.adaptor import encode_pseudo_queries
 from encoders.encoder import Encoder
 from encoders.errors import InvalidInputError
 from index.chunking import chunk_document
@@ -256,22 +256,21 @@ def index_documents(
     known = collection.store.document_hashes()
     index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
     seen: set[str] = set()
-    pending: list[tuple[int, str, str]] = []  # (passage id, embed text, pseudo-query)
+    pending: list[tuple[int, str]] = []  # (passage id, embed text)
     bar = tqdm(desc=f"index {collection.name}", unit="doc", disable=not show_progress)
 
     def flush() -> None:
         if not pending:
             return
+        ids = [pid for pid, _ in pending]
         vecs = encoder.encode(
-            [t for _, t, _ in pending], kind="passage", dim=index.input_dim, show_progress=False
+            [t for _, t in pending], kind="passage", dim=index.input_dim, show_progress=False
         )
         fit_queries = None
         if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
             # the first batch calibrates the index: with pseudo-queries made from its own passages
-            fit_queries = encoder.encode(
-                [q or "-" for _, _, q in pending], kind="query", dim=index.input_dim, show_progress=False
-            )
-        index.add(np.array([pid for pid, _, _ in pending], dtype=np.int64), vecs, fit_queries=fit_queries)
+            fit_queries = pseudo_query_vectors(collection, encoder, ids, index.input_dim)
+        index.add(np.array(ids, dtype=np.int64), vecs, fit_queries=fit_queries)
         report.passages_added += len(pending)
         pending.clear()
 
@@ -314,12 +313,7 @@ def index_documents(
         report.added += doc.id not in known
         report.passages_removed += index.remove(removed)
         pending.extend(
-            (
-                pid,
-                embed_text(doc.title, r["text"], r["kind"]),
-                pseudo_query(r["text"], r["title"] or doc.title),
-            )
-            for pid, r in zip(added, rows, strict=True)
+            (pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True)
         )
         collection.bm25_dirty = True
         if len(pending) >= batch_docs:
@@ -343,6 +337,19 @@ def index_documents(
     report.documents, report.passages = collection.store.counts().values()
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def pseudo_query_vectors(
+    collection: Collection, encoder: Encoder, ids: list[int], dim: int | None
+) -> np.ndarray:
+    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: title, else first sentence) of stored
+    passages, for the one batch that calibrates a new index."""
+    rows = {r.id: r for r in collection.store.passages(ids)}
+    return encode_pseudo_queries(
+        encoder,
+        [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids],
+        dim=dim,
+    )
 
 
 def _input_dim(collection: Collection, encoder: Encoder) -> int | None:

@@ -52,12 +52,11 @@ from typing import Any
 import numpy as np
 
 from encoders import errors
-from encoders.adaptor import pseudo_query
 from encoders.encoder import EncoderConfig
 from encoders.errors import InvalidInputError, KvragError
 from index.chunking import chunk_document
 from index.collection import Collection
-from index.job import Document, JobReport, embed_text, iter_documents, triage
+from index.job import Document, JobReport, embed_text, iter_documents, pseudo_query_vectors, triage
 from index.lang import guess_language
 from index.vector import calibrates_on_queries
 
@@ -563,21 +562,6 @@ def _prune(collection: Collection, prune_sources: list[str], seen: set[str], rep
         collection.bm25_dirty = True
 
 
-def pseudo_query_vectors(
-    collection: Collection, encoder_config: EncoderConfig, ids: list[int], dim: int
-) -> np.ndarray:
-    """Pseudo-query embeddings of stored passages (see `encoders.adaptor.pseudo_query`), encoded on
-    the driver for the one batch that calibrates a new index."""
-    from encoders.encoder import load_encoder
-
-    rows = {r.id: r for r in collection.store.passages(ids)}
-    texts = [
-        (pseudo_query(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else "") or "-"
-        for i in ids
-    ]
-    return load_encoder(encoder_config).encode(texts, kind="query", dim=dim)
-
-
 def _embed_and_store_kv(
     ray: Any,
     collection: Collection,
@@ -678,7 +662,10 @@ def _embed_and_store_kv(
             )
             fit_queries = None
             if not target.fitted and calibrates_on_queries(collection.config.adaptor, target.spec.precision):
-                fit_queries = pseudo_query_vectors(collection, encoder_config, ids, vectors.shape[1])
+                from encoders.encoder import load_encoder
+
+                encoder = load_encoder(encoder_config)  # on the driver, for this one batch
+                fit_queries = pseudo_query_vectors(collection, encoder, ids, vectors.shape[1])
             target.add(np.asarray(ids, dtype=np.int64), vectors, fit_queries=fit_queries)
             index = collection.index
             next_group += 1

@@ -405,9 +405,7 @@ class VectorIndex:
                 f"ids already present or repeated (e.g. {dup[:3] or ids[:3].tolist()}): remove them first"
             )
         if not self.fitted:
-            raw = self.adaptor_method != "none"
-            q = None if fit_queries is None else np.asarray(fit_queries, dtype=np.float32)
-            self.fit(x if raw else normalize(x), q if raw or q is None else normalize(q))
+            self.fit(x if self.adaptor_method != "none" else normalize(x), fit_queries)
         x = self._prepare(x)
         start = len(self.row_ids)
         rows = np.arange(start, start + len(x), dtype=np.int64)

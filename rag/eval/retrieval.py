@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import check_method, pseudo_query
+from encoders.adaptor import check_method, encode_pseudo_queries
 from encoders.compress import truncate
 from encoders.encoder import EncoderConfig, load_encoder
 from encoders.errors import InvalidInputError
@@ -79,9 +79,9 @@ def run_retrieval_eval(
     t0 = time.perf_counter()
     fit_queries = None
     if cfg.pseudo_queries and calibrates_on_queries(cfg.adaptor, index.spec.precision):
-        fit_queries = encoder.encode(
-            [pseudo_query(d.get("text", ""), d.get("title")) or "-" for d in data.corpus.values()],
-            kind="query",
+        fit_queries = encode_pseudo_queries(
+            encoder,
+            [(d.get("text", ""), d.get("title")) for d in data.corpus.values()],
             show_progress=show_progress,
         )
         fit_queries = fit_queries if adapted else truncate(fit_queries, dim)
