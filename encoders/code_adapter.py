@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from encoders.codetext import split_identifier, summarise_docstring
 from encoders.errors import InvalidInputError, ModelNotFoundError
 from encoders.models import marker_matches, staged_folder
 from encoders.training import warmup_cosine
@@ -53,7 +54,6 @@ _NOISE_COMMENT = re.compile(
 )
 _TRIPLE_STRING = re.compile(r"[rRbBuU]{0,2}(\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?''')")
 _SPACE = re.compile(r"\s+")
-_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 _TEST_DIRS = {"test", "tests", "testing", "idle_test", "unittests"}
 
 
@@ -93,20 +93,6 @@ class MiningStats:
     cosqa_functions: int = 0
     cosqa_unparsable: int = 0
     seconds: float = 0.0
-
-
-def split_identifier(name: str) -> str:
-    """`read_csv_file` / `ReadCSVFile` / `readCsv2` -> "read csv file" / "read csv file" / "read csv 2"."""
-    return " ".join(w.lower() for w in _WORD.findall(name))
-
-
-def summarise_docstring(doc: str, max_chars: int = 300) -> str:
-    """The first paragraph of a (cleaned) docstring on one line; its first sentence when that is too long."""
-    para = _SPACE.sub(" ", doc.strip().split("\n\n", 1)[0]).strip()
-    if len(para) > max_chars:
-        m = re.match(r"(.+?[.!?])(\s|$)", para)
-        para = m.group(1) if m and len(m.group(1)) <= max_chars else para[:max_chars].rsplit(" ", 1)[0]
-    return para
 
 
 def _usable_query(text: str, min_words: int) -> bool:
@@ -442,6 +428,10 @@ class AdapterConfig:
     # "web": docstring queries lower-cased, trailing punctuation dropped (as people type searches)
     query_style: Literal["docstring", "web"] = "docstring"
     batching: Literal["random", "source"] = "random"  # source: batches of neighbouring files (harder)
+    # one mined hard negative per pair: the training code the base model ranks highest for the query
+    # below `hard_negative_margin` x the positive's score (higher ones are likely unlabelled positives)
+    hard_negatives: bool = False
+    hard_negative_margin: float = 0.95
     max_pairs: int = 3000
     name_pairs_weight: float = 0.3  # loss weight of the name -> code task (0: no name pairs)
     name_pairs_share: float = 0.2  # at most this share of the pairs are name pairs
@@ -594,6 +584,48 @@ def evaluate(model, tokenizer, pairs: Sequence[Pair], prompts: dict[str, str], c
     return out
 
 
+def mine_hard_negatives(
+    model, tokenizer, pairs: Sequence[Pair], prompts: dict[str, str], cfg: AdapterConfig
+) -> list[int]:
+    """For each pair, the index of another pair whose code `model` scores highest for this pair's
+    query while staying below `cfg.hard_negative_margin` x the score of the right code (-1: none).
+    A code scoring close to or above the right one is more likely a second correct answer than a
+    wrong one, so it is skipped (positive-aware mining)."""
+    import torch
+
+    if not 0.0 < cfg.hard_negative_margin <= 1.0:
+        raise InvalidInputError("hard_negative_margin must be in (0, 1]")
+    was_training = model.training
+    model.eval()
+    q = embed(model, tokenizer, [p.query for p in pairs], prompts["query"], cfg.query_max_length)
+    c = embed(model, tokenizer, [p.code for p in pairs], prompts["passage"], cfg.code_max_length)
+    model.train(was_training)
+    out: list[int] = []
+    for b in range(0, len(pairs), 512):
+        sims = q[b : b + 512] @ c.T
+        rows = torch.arange(sims.shape[0])
+        pos = sims[rows, rows + b].clone()
+        sims[rows, rows + b] = -2.0
+        sims[sims >= cfg.hard_negative_margin * pos.unsqueeze(1)] = -2.0
+        best, idx = sims.max(dim=1)
+        out += [int(i) if float(v) > -2.0 else -1 for v, i in zip(best, idx, strict=True)]
+    return out
+
+
+def batch_codes(idx: Sequence[int], negatives: Sequence[int] | None) -> list[int]:
+    """The codes a batch scores each query against: its own pairs' codes (row i's right answer is
+    column i), then the rows' hard negatives that are not already there, each once."""
+    codes = list(idx)
+    if negatives is not None:
+        seen = set(codes)
+        for i in idx:
+            n = negatives[i]
+            if n >= 0 and n not in seen:
+                seen.add(n)
+                codes.append(n)
+    return codes
+
+
 def make_batches(
     pairs: Sequence[Pair], code_lengths: Sequence[int], cfg: AdapterConfig, rng: random.Random
 ) -> list[list[int]]:
@@ -625,9 +657,12 @@ def fit(
     cfg: AdapterConfig,
     prompts: dict[str, str],
     *,
+    negatives: Sequence[int] | None = None,
     show_progress: bool = False,
 ) -> list[float]:
-    """Train the LoRA parameters of `model` on `pairs`; returns the loss of each step."""
+    """Train the LoRA parameters of `model` on `pairs`; returns the loss of each step. `negatives`
+    (one pair index per pair, -1 for none; see `mine_hard_negatives`) adds each row's hard negative
+    code to the batch's candidates."""
     import torch
     from tqdm.auto import tqdm
 
@@ -653,7 +688,8 @@ def fit(
             if len(idx) < 2 or len(losses) >= total:
                 continue  # one pair has no in-batch negative
             qi, qm = _pad(tokenizer, [q_rows[i] for i in idx])
-            ci, cm = _pad(tokenizer, [c_rows[i] for i in idx])
+            codes = batch_codes(idx, negatives)
+            ci, cm = _pad(tokenizer, [c_rows[i] for i in codes])
             q = mean_pool(model, qi, qm)
             c = mean_pool(model, ci, cm)
             w = weights[idx]
@@ -734,9 +770,12 @@ def train_code_adapter(
     t0 = time.perf_counter()
     with model.disable_adapter():
         before = evaluate(model, tokenizer, held, prompts, cfg) if held else {}
-    eval_s = time.perf_counter() - t0
+        eval_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        negatives = mine_hard_negatives(model, tokenizer, train, prompts, cfg) if cfg.hard_negatives else None
+        mine_negatives_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = fit(model, tokenizer, train, cfg, prompts, show_progress=show_progress)
+    losses = fit(model, tokenizer, train, cfg, prompts, negatives=negatives, show_progress=show_progress)
     train_s = time.perf_counter() - t0
     after = evaluate(model, tokenizer, held, prompts, cfg) if held else {}
 
@@ -756,6 +795,7 @@ def train_code_adapter(
         "pairs": {
             "train": len(train),
             "train_name_pairs": sum(p.task == "name" for p in train),
+            "hard_negatives": sum(n >= 0 for n in negatives) if negatives is not None else 0,
             "heldout": len(held),
         },
         "heldout_retrieval": {"base": before, "adapter": after},
@@ -771,6 +811,7 @@ def train_code_adapter(
         "seconds": {
             "mining": stats.seconds,
             "eval_base": round(eval_s, 1),
+            "hard_negatives": round(mine_negatives_s, 1),
             "training": round(train_s, 1),
             "steps_per_s": round(len(losses) / train_s, 4) if train_s > 0 else None,
             "total": round(time.perf_counter() - t_start, 1),

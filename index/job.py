@@ -342,12 +342,18 @@ def index_documents(
 def pseudo_query_vectors(
     collection: Collection, encoder: Encoder, ids: list[int], dim: int | None
 ) -> np.ndarray:
-    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: title, else first sentence) of stored
-    passages, for the one batch that calibrates a new index."""
+    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: for code its docstring summary or
+    name, for prose its title, else its first sentence) of stored passages, for the one batch that
+    calibrates a new index."""
     rows = {r.id: r for r in collection.store.passages(ids)}
     return encode_pseudo_queries(
         encoder,
-        [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids],
+        [
+            (rows[i].text, rows[i].title or rows[i].doc_title, rows[i].kind)
+            if i in rows
+            else ("", None, None)
+            for i in ids
+        ],
         dim=dim,
     )
 

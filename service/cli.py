@@ -447,6 +447,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         docstring_rest=not args.drop_docstring,
         query_style=args.query_style,
         batching=args.batching,
+        hard_negatives=args.hard_negatives,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -828,6 +829,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["random", "source"],
         default="random",
         help="source: each batch holds pairs from neighbouring files (harder in-batch negatives)",
+    )
+    ta.add_argument(
+        "--hard-negatives",
+        action="store_true",
+        help="add to each pair the training code the base model confuses most with the right one "
+        "(below 0.95 x its score)",
     )
     ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")
     ta.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -15,6 +15,7 @@ from encoders.code_adapter import (
     MiningStats,
     Pair,
     add_lora,
+    batch_codes,
     build_merged_folder,
     code_encoder_folder,
     embed,
@@ -22,6 +23,7 @@ from encoders.code_adapter import (
     load_base,
     make_batches,
     matryoshka_mnrl_loss,
+    mine_hard_negatives,
     mine_pairs,
     read_prompts,
     split_identifier,
@@ -338,3 +340,43 @@ def test_web_queries_and_source_batches(tmp_path):
     assert any(len({pairs[i].source.rsplit(":", 1)[0] for i in b}) > 1 for b in mixed)
     with pytest.raises(InvalidInputError, match="batching"):
         make_batches(pairs, [1] * 12, AdapterConfig(out=tmp_path, batching="nope"), random.Random(0))  # type: ignore[arg-type]
+
+
+def test_hard_negatives_skip_likely_positives(tmp_path, monkeypatch):
+    import torch
+
+    import encoders.code_adapter as ca
+
+    pairs = [Pair(f"q{i}", f"def f{i}(): pass") for i in range(4)]
+    q = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]]), dim=-1
+    )
+    # cosine of query i with code j, by construction of the code vectors below
+    c = torch.nn.functional.normalize(
+        torch.tensor([[0.9, 0.44, 0], [0.6, 0.8, 0], [0, 0, 1.0], [0.99, 0.14, 0]]), dim=-1
+    )
+    calls = iter([q, c, q[[0, 3]], c[[0, 3]]])
+    monkeypatch.setattr(ca, "embed", lambda *a, **k: next(calls))
+    model = torch.nn.Linear(1, 1)
+    cfg = AdapterConfig(out=tmp_path)
+    sims = q @ c.T
+    # query 0: code 3 scores above 0.95 x its own code's score, a likely second answer; code 1 is next.
+    # query 3: codes 0 and 1 both score above its own code: the orthogonal code 2 is what is left
+    assert sims[0, 3] > 0.95 * sims[0, 0] and sims[3, :2].min() > sims[3, 3]
+    assert mine_hard_negatives(model, None, pairs, {"query": "", "passage": ""}, cfg) == [1, 0, 0, 2]
+    # with only codes 0 and 3, each query's one other code scores above its margin
+    assert mine_hard_negatives(model, None, pairs[:2], {"query": "", "passage": ""}, cfg) == [-1, -1]
+    with pytest.raises(InvalidInputError, match="margin"):
+        mine_hard_negatives(model, None, pairs, {}, AdapterConfig(out=tmp_path, hard_negative_margin=0.0))
+
+
+def test_batch_codes_append_each_outside_negative_once(tiny_model_dir, tmp_path):
+    assert batch_codes([4, 0, 2], None) == [4, 0, 2]
+    assert batch_codes([4, 0, 2], [5, -1, 0, 1, 5, 3]) == [4, 0, 2, 5]  # 0 is in the batch; 5 once
+    cfg = _cfg(tmp_path, tiny_model_dir, max_steps=3)
+    runs = []
+    for _ in range(2):
+        model, tok = load_base(tiny_model_dir)
+        model = add_lora(model, cfg)
+        runs.append(fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir), negatives=[1, 2, 3, 4, 5, 0]))
+    assert len(runs[0]) == 2 and runs[0] == runs[1] and all(np.isfinite(runs[0]))
