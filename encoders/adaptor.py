@@ -15,8 +15,8 @@ corpus mean and maps them by a square matrix chosen so that the leading coordina
              pairs of a batch, plus a listwise term on each vector's nearest neighbours).
 
 Pseudo-queries come from the corpus itself, no labels: each passage's title, else its first sentence
-(for code: its docstring summary, else its name in words; `pseudo_query`), embedded as a query and
-paired with the passage's embedding. Queries and passages of asymmetric encoders (e5's `query: ` /
+(`pseudo_query`), embedded as a query and paired with the passage's embedding; not for corpora of
+source code (`pseudo_queries_suit`). Queries and passages of asymmetric encoders (e5's `query: ` /
 `passage: `) sit in different regions, so a map fitted on passages alone keeps axes that queries
 barely use; with the pseudo-queries both `pca` and `learned` fit the mean and the principal axes on
 passages and pseudo-queries together.
@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from encoders.codetext import code_query
+from encoders.codetext import defines_code
 from encoders.compress import normalize, truncate
 from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
 
@@ -208,18 +208,10 @@ class MatryoshkaAdaptor:
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 
 
-def pseudo_query(text: str, title: str | None = None, max_words: int = 32, kind: str | None = None) -> str:
-    """A query-like line for a passage, from the passage alone, at most `max_words` words.
-
-    Code (`kind="code"`, or an untitled passage of unknown kind that defines a function or class) gets
-    the summary of the first docstring, else the first definition's name split into words
-    (`encoders.codetext.code_query`); other passages get their title, else their first sentence (or
-    first line). Empty when the passage is empty."""
-    head = ""
-    if kind == "code" or (kind is None and not (title or "").strip()):
-        head = code_query(text)
-    if not head:
-        head = (title or "").strip()
+def pseudo_query(text: str, title: str | None = None, max_words: int = 32) -> str:
+    """A query-like line for a passage, from the passage alone: its title when it has one, else its
+    first sentence (or first line), at most `max_words` words. Empty when the passage is empty."""
+    head = (title or "").strip()
     if not head:
         body = text.strip()
         first_line = body.split("\n", 1)[0]
@@ -227,19 +219,29 @@ def pseudo_query(text: str, title: str | None = None, max_words: int = 32, kind:
     return " ".join(head.split()[:max_words])
 
 
+def pseudo_queries_suit(texts: Sequence[str], kinds: Sequence[str | None] | None = None) -> bool:
+    """Whether pseudo-queries should calibrate an index of these passages: yes for prose, no when
+    most passages are source code (kind `code`, or, kind unknown, text that defines a Python function
+    or class). A code passage's likely pseudo-queries (its docstring, its first line) sit verbatim in
+    it, so pairs teach the map word overlap, not what searches need: on CoSQA every kind of
+    pseudo-query made the fitted adaptors worse than passages alone (docs/benchmarks.md)."""
+    kinds = list(kinds) if kinds is not None else [None] * len(texts)
+    if len(kinds) != len(texts):
+        raise InvalidInputError(f"{len(kinds)} kinds for {len(texts)} passages")
+    code = sum(1 for t, k in zip(texts, kinds, strict=True) if k == "code" or (k is None and defines_code(t)))
+    return 2 * code <= len(texts)
+
+
 def encode_pseudo_queries(
     encoder,
-    passages: Iterable[tuple[str, str | None] | tuple[str, str | None, str | None]],
+    passages: Iterable[tuple[str, str | None]],
     *,
     dim: int | None = None,
     show_progress: bool = False,
 ) -> np.ndarray:
-    """Query embeddings of the pseudo-queries of (text, title) or (text, title, kind) passages, row
-    for row (an empty passage gets a placeholder: encoders refuse empty text)."""
-    texts = [
-        pseudo_query(p[0], p[1], kind=p[2] if len(p) > 2 else None) or "-"  # type: ignore[misc]
-        for p in passages
-    ]
+    """Query embeddings of the pseudo-queries of (text, title) passages, row for row (an empty
+    passage gets a placeholder: encoders refuse empty text)."""
+    texts = [pseudo_query(text, title) or "-" for text, title in passages]
     return encoder.encode(texts, kind="query", dim=dim, show_progress=show_progress)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import encode_pseudo_queries
+from encoders.adaptor import encode_pseudo_queries, pseudo_queries_suit
 from encoders.encoder import Encoder
 from encoders.errors import InvalidInputError
 from index.chunking import chunk_document
@@ -341,19 +341,16 @@ def index_documents(
 
 def pseudo_query_vectors(
     collection: Collection, encoder: Encoder, ids: list[int], dim: int | None
-) -> np.ndarray:
-    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: for code its docstring summary or
-    name, for prose its title, else its first sentence) of stored passages, for the one batch that
-    calibrates a new index."""
+) -> np.ndarray | None:
+    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: title, else first sentence) of stored
+    passages, for the one batch that calibrates a new index; None when the batch is mostly source
+    code, which calibrates on its passages alone (`encoders.adaptor.pseudo_queries_suit`)."""
     rows = {r.id: r for r in collection.store.passages(ids)}
+    if not pseudo_queries_suit([r.text for r in rows.values()], [r.kind for r in rows.values()]):
+        return None
     return encode_pseudo_queries(
         encoder,
-        [
-            (rows[i].text, rows[i].title or rows[i].doc_title, rows[i].kind)
-            if i in rows
-            else ("", None, None)
-            for i in ids
-        ],
+        [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids],
         dim=dim,
     )
 

@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pseudo-queries",
         action="store_true",
         help="fit the adaptor / binary rotation on passages only, not also on pseudo-queries made from "
-        "the corpus (titles or first sentences)",
+        "the corpus (titles or first sentences; never used for corpora of source code)",
     )
     r.add_argument("--hybrid", action="store_true")
     r.add_argument("--bm25-language")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import check_method, encode_pseudo_queries
+from encoders.adaptor import check_method, encode_pseudo_queries, pseudo_queries_suit
 from encoders.compress import truncate
 from encoders.encoder import EncoderConfig, load_encoder
 from encoders.errors import InvalidInputError
@@ -37,7 +37,7 @@ class RetrievalEvalConfig:
     binary_method: str = "itq"
     adaptor: str = "none"  # Matryoshka adaptor fitted on the corpus embeddings: none, pca, learned
     # fit the adaptor / binary rotation on passages together with pseudo-queries made from the corpus
-    # itself (titles or first sentences, embedded as queries; see encoders.adaptor)
+    # itself (titles or first sentences, embedded as queries; not for source code: see encoders.adaptor)
     pseudo_queries: bool = True
     hybrid: bool = False
     bm25_language: str | None = None
@@ -78,7 +78,11 @@ def run_retrieval_eval(
         raise InvalidInputError(f"spec {spec} stores {index.spec.precision} codes, not {cfg.precision}")
     t0 = time.perf_counter()
     fit_queries = None
-    if cfg.pseudo_queries and calibrates_on_queries(cfg.adaptor, index.spec.precision):
+    if (
+        cfg.pseudo_queries
+        and calibrates_on_queries(cfg.adaptor, index.spec.precision)
+        and pseudo_queries_suit(texts)
+    ):
         fit_queries = encode_pseudo_queries(
             encoder,
             [(d.get("text", ""), d.get("title")) for d in data.corpus.values()],

@@ -302,29 +302,22 @@ def test_pseudo_query_is_title_else_first_sentence():
     assert pseudo_query("   ") == ""
 
 
-def test_pseudo_query_of_code_is_its_docstring_summary_else_its_name():
-    from encoders.adaptor import pseudo_query
+def test_pseudo_queries_suit_prose_not_code():
+    from encoders.adaptor import pseudo_queries_suit
+    from encoders.codetext import defines_code
 
-    documented = 'def load(path):\n    """Read a JSON file.\n\n    Details here.\n    """\n    return 1\n'
-    assert pseudo_query(documented) == "Read a JSON file."
-    assert pseudo_query(documented, "loader.py", kind="code") == "Read a JSON file."
-    # prose keeps its title even when it shows a code example
-    assert pseudo_query(documented, "Loading files", kind="text") == "Loading files"
-    # a fragment (a chunk of a file): no docstring, the name in words
-    assert pseudo_query("import os\n\nclass LRUCache(dict):\n    size = 3", kind="code") == "lru cache"
-    # nothing query-like in the code: fall back to the title
-    assert pseudo_query("x = 1\ny = 2", "settings", kind="code") == "settings"
-
-
-def test_code_query_reads_fragments_and_one_line_docstrings():
-    from encoders.codetext import code_query
-
-    assert code_query("    def add(a,\n            b) -> int:  # sum\n        'Add two numbers.'\n") == (
-        "Add two numbers."
-    )
-    assert code_query('async def fetch_all(urls):\n    """ """\n    pass') == "fetch all"
-    assert code_query("def run():\n    pass") == ""
-    assert code_query("The def keyword starts a function.") == ""
+    code = 'def load(path):\n    """Read a JSON file."""\n    return 1\n'
+    fragment = "import os\n\nclass LRUCache(dict):\n    size = 3"
+    prose = "Class action suits are common. The def of a word is its meaning."
+    assert defines_code(code) and defines_code(fragment) and not defines_code(prose)
+    assert pseudo_queries_suit([prose, prose, code])
+    assert not pseudo_queries_suit([prose, code, fragment])
+    # stated kinds win over the text
+    assert pseudo_queries_suit([code, code], ["text", "text"])
+    assert not pseudo_queries_suit([prose, prose, prose], ["code", "code", None])
+    assert pseudo_queries_suit([])
+    with pytest.raises(InvalidInputError, match="kinds"):
+        pseudo_queries_suit([prose], ["text", "code"])
 
 
 def test_pairs_teach_the_map_what_queries_need():

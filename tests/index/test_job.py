@@ -537,6 +537,30 @@ def test_first_batch_calibrates_on_pseudo_queries_of_its_passages(
     coll.close()
 
 
+def test_a_code_collection_calibrates_on_its_passages_alone(tmp_path, tiny_encoder, monkeypatch):
+    from index.vector import VectorIndex
+
+    calls = []
+    real_add = VectorIndex.add
+
+    def spy(self, ids, vectors, *, fit_queries=None):
+        calls.append(fit_queries)
+        return real_add(self, ids, vectors, fit_queries=fit_queries)
+
+    monkeypatch.setattr(VectorIndex, "add", spy)
+    docs = [
+        Document(id=f"f{i}", text=f'def f{i}(x):\n    """Add {i} to x."""\n    return x + {i}\n', kind="code")
+        for i in range(3)
+    ] + [Document(id="t", text="Tea is brewed. Milk is optional.", title="Tea")]
+    coll = Collection.create(
+        tmp_path, "code", CollectionConfig(encoder=tiny_encoder.name, spec="Flat", adaptor="pca")
+    )
+    index_documents(coll, docs, tiny_encoder)
+    assert len(calls) == 1 and calls[0] is None
+    assert coll.index.fitted
+    coll.close()
+
+
 def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
     from index.job import count_file_kinds
     from service.cli import _default_index_encoder
