@@ -269,7 +269,9 @@ def index_documents(
         fit_queries = None
         if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
             # the first batch calibrates the index: with pseudo-queries made from its own passages
-            fit_queries = pseudo_query_vectors(collection, encoder, ids, index.input_dim)
+            passages = calibration_passages(collection, ids)
+            if passages is not None:
+                fit_queries = encode_pseudo_queries(encoder, passages, dim=index.input_dim)
         index.add(np.array(ids, dtype=np.int64), vecs, fit_queries=fit_queries)
         report.passages_added += len(pending)
         pending.clear()
@@ -339,20 +341,14 @@ def index_documents(
     return report
 
 
-def pseudo_query_vectors(
-    collection: Collection, encoder: Encoder, ids: list[int], dim: int | None
-) -> np.ndarray | None:
-    """Pseudo-query embeddings (`encoders.adaptor.pseudo_query`: title, else first sentence) of stored
-    passages, for the one batch that calibrates a new index; None when the batch is mostly source
-    code, which calibrates on its passages alone (`encoders.adaptor.pseudo_queries_suit`)."""
+def calibration_passages(collection: Collection, ids: list[int]) -> list[tuple[str, str | None]] | None:
+    """The (text, title) of the stored passages of the one batch that calibrates a new index, whose
+    pseudo-queries (`encoders.adaptor.encode_pseudo_queries`) are fitted with them; None when the batch
+    is mostly source code, which calibrates on its passages alone (`encoders.adaptor.pseudo_queries_suit`)."""
     rows = {r.id: r for r in collection.store.passages(ids)}
     if not pseudo_queries_suit([r.text for r in rows.values()], [r.kind for r in rows.values()]):
         return None
-    return encode_pseudo_queries(
-        encoder,
-        [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids],
-        dim=dim,
-    )
+    return [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids]
 
 
 def _input_dim(collection: Collection, encoder: Encoder) -> int | None:

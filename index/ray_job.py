@@ -56,7 +56,7 @@ from encoders.encoder import EncoderConfig
 from encoders.errors import InvalidInputError, KvragError
 from index.chunking import chunk_document
 from index.collection import Collection
-from index.job import Document, JobReport, embed_text, iter_documents, pseudo_query_vectors, triage
+from index.job import Document, JobReport, calibration_passages, embed_text, iter_documents, triage
 from index.lang import guess_language
 from index.vector import calibrates_on_queries
 
@@ -662,10 +662,14 @@ def _embed_and_store_kv(
             )
             fit_queries = None
             if not target.fitted and calibrates_on_queries(collection.config.adaptor, target.spec.precision):
-                from encoders.encoder import load_encoder
+                passages = calibration_passages(collection, ids)
+                if passages is not None:  # encoded on the driver, for this one batch
+                    from encoders.adaptor import encode_pseudo_queries
+                    from encoders.encoder import load_encoder
 
-                encoder = load_encoder(encoder_config)  # on the driver, for this one batch
-                fit_queries = pseudo_query_vectors(collection, encoder, ids, vectors.shape[1])
+                    fit_queries = encode_pseudo_queries(
+                        load_encoder(encoder_config), passages, dim=vectors.shape[1]
+                    )
             target.add(np.asarray(ids, dtype=np.int64), vectors, fit_queries=fit_queries)
             index = collection.index
             next_group += 1
