@@ -448,6 +448,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         query_style=args.query_style,
         batching=args.batching,
         hard_negatives=args.hard_negatives,
+        gradient_checkpointing=args.gradient_checkpointing,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -820,9 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ta.add_argument(
         "--query-style",
-        choices=["docstring", "web"],
+        choices=["docstring", "web", "search"],
         default="docstring",
-        help="web: docstring queries lower-cased without trailing punctuation, as searches are typed",
+        help="web: docstring queries lower-cased without trailing punctuation, as searches are typed; "
+        "search: also first sentence, imperative verb, no articles, and 'python' in the query",
     )
     ta.add_argument(
         "--batching",
@@ -835,6 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add to each pair the training code the base model confuses most with the right one "
         "(below 0.95 x its score)",
+    )
+    ta.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: about a third slower, a fraction of the memory",
     )
     ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")
     ta.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -265,6 +265,33 @@ def test_training_is_seeded(tiny_model_dir, tmp_path):
         assert np.array_equal(states[0][k].numpy(), states[1][k].numpy()), k
 
 
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the result: same losses and
+    LoRA weights as a plain run (dropout on, so replayed masks are checked too), and the model is
+    left without checkpointing."""
+    runs, forwards = [], []
+    for ckpt in (False, True):
+        cfg = _cfg(tmp_path, tiny_model_dir, epochs=2, max_steps=3, gradient_checkpointing=ckpt)
+        model, tok = load_base(tiny_model_dir)
+        model = add_lora(model, cfg)
+        calls = []  # a layer inside the checkpointed block runs again in the backward pass
+        model.get_base_model().encoder.layer[0].attention.register_forward_hook(
+            lambda *_, c=calls: c.append(1)
+        )
+        losses = fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir))
+        runs.append((losses, _lora_state(model)))
+        forwards.append(len(calls))
+        assert not model.get_base_model().is_gradient_checkpointing
+    (l0, s0), (l1, s1) = runs
+    assert forwards[0] == 6 and forwards[1] == 12  # 3 steps x (queries, codes), recomputed once
+    assert len(l0) == 3 and np.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    changed = False
+    for k in s0:
+        assert np.allclose(s0[k].numpy(), s1[k].numpy(), rtol=1e-4, atol=1e-6), k
+        changed |= bool((s0[k] != 0).any()) and "lora_B" in k
+    assert changed  # training moved the zero-initialised B matrices
+
+
 def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypatch):
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
@@ -319,6 +346,40 @@ def test_missing_adapter_says_how_to_train(tmp_path):
         ModelNotFoundError, match="kvrag train code-adapter --out encoders/adapters/code-e5-small"
     ):
         code_encoder_folder(tmp_path / "models", tmp_path / "base", tmp_path / "no-adapter")
+
+
+def test_search_style_queries():
+    import random
+
+    from encoders.code_adapter import search_query
+
+    def bare(text):  # the query without the language mention, whichever form was drawn
+        q = search_query(text, random.Random(0))
+        return (
+            q.removeprefix("how to ")
+            .removesuffix(" in python")
+            .removeprefix("python ")
+            .removesuffix(" python")
+        )
+
+    assert bare("Returns the mean of a list. The list must not be empty.") == "get mean of list"
+    assert bare("Return True if the file exists.") == "check if file exists"
+    assert bare("Checks whether :class:`Foo` is iterable") == "check whether foo is iterable"
+    assert bare("Matches ``pattern`` against the string") == "match pattern against string"
+    assert bare("This function copies data") == "copy data"
+    assert bare("Process the status codes") == "process status codes"  # not a 3rd-person verb
+    assert bare("Python wrapper for the C library") == "wrapper for c library"  # named once
+    assert len(bare(" ".join(f"word{i}" for i in range(30))).split()) == 10
+    rng = random.Random(1)
+    forms = [search_query("Count the words", rng) for _ in range(200)]
+    assert all("python" in q.split() for q in forms)
+    shares = [
+        sum(q.startswith("python ") for q in forms),
+        sum(q.endswith(" python") and not q.startswith("how") for q in forms),
+        sum(q.startswith("how to ") for q in forms),
+    ]
+    assert all(s > 10 for s in shares) and sum(shares) == 200
+    assert forms == [search_query("Count the words", r) for r in [random.Random(1)] for _ in range(200)]
 
 
 def test_web_queries_and_source_batches(tmp_path):
