@@ -737,13 +737,7 @@ def fit(
     torch.manual_seed(cfg.seed + 1)  # dropout masks
     losses: list[float] = []
     if cfg.gradient_checkpointing:
-        # non-reentrant checkpointing: gradients reach the LoRA weights although the inputs (token
-        # ids) need none, and dropout masks are replayed identically in the recomputation
-        base = model.get_base_model()
-        if hasattr(base, "activation_checkpointing_enable"):  # the newer name of the same switch
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model.get_base_model(), True)
     model.train()
     bar = tqdm(total=total, desc="training", unit="step", disable=not show_progress)
     for _epoch in range(cfg.epochs):
@@ -768,10 +762,24 @@ def fit(
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     bar.close()
     if cfg.gradient_checkpointing:
-        base = model.get_base_model()
-        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
+        _set_checkpointing(model.get_base_model(), False)
     model.eval()
     return losses
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """Turn activation checkpointing of a transformers model on or off. Non-reentrant: gradients
+    reach the LoRA weights although the inputs (token ids) need none, and dropout masks are replayed
+    identically in the recomputation."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name of the same switch
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def train_code_adapter(
@@ -795,6 +803,8 @@ def train_code_adapter(
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
     if cfg.rank < 1:
         raise InvalidInputError("--rank must be >= 1")
+    if cfg.query_style not in ("docstring", "web", "search"):  # before minutes of mining
+        raise InvalidInputError(f"query_style must be docstring, web or search, not {cfg.query_style!r}")
     t_start = time.perf_counter()
     stats = MiningStats()
     if pairs is None:
@@ -824,8 +834,6 @@ def train_code_adapter(
     elif cfg.query_style == "search":  # name pairs too: the language in a query must not tell the task
         rng = random.Random(cfg.seed + 3)
         pairs = [replace(p, query=search_query(p.query, rng)) for p in pairs]
-    elif cfg.query_style != "docstring":
-        raise InvalidInputError(f"query_style must be docstring, web or search, not {cfg.query_style!r}")
     doc_idx = [i for i, p in enumerate(pairs) if p.task == "doc"]
     n_held = min(cfg.heldout, len(doc_idx) // 5)
     held_set = set(random.Random(cfg.seed + 2).sample(doc_idx, n_held)) if n_held >= 2 else set()
@@ -989,10 +997,32 @@ def build_merged_folder(dest: Path, base_folder: Path, adapter_dir: Path) -> Pat
     return dest
 
 
-def code_encoder_folder(models_dir: Path, base_folder: Path, adapter_dir: Path = ADAPTER_DIR) -> Path:
-    """The prepared `bundled:code-e5-small` folder (built on first use, rebuilt when the adapter changed)."""
+def _merged_folder(folder: Path, base_folder: Path, adapter_dir: Path) -> Path:
+    """`folder` holding base + adapter merged: reused while it matches the adapter, else rebuilt."""
     _check_adapter(adapter_dir)
-    folder = Path(models_dir) / NAME
     if marker_matches(folder / "kvrag-adapter.json", "adapter_sha256_16", adapter_digest(adapter_dir)):
         return folder
     return build_merged_folder(folder, Path(base_folder), adapter_dir)
+
+
+def code_encoder_folder(models_dir: Path, base_folder: Path, adapter_dir: Path = ADAPTER_DIR) -> Path:
+    """The prepared `bundled:code-e5-small` folder (built on first use, rebuilt when the adapter changed)."""
+    return _merged_folder(Path(models_dir) / NAME, base_folder, adapter_dir)
+
+
+def adapter_encoder_folder(adapter_dir: Path, models_dir: Path) -> Path:
+    """An adapter folder (`kvrag train code-adapter --out DIR`) used as an encoder spec: the base
+    model its `adapter_config.json` names, with the adapter merged in, prepared once under
+    `models_dir/adapters/` (so a freshly trained adapter is evaluated with `--encoder DIR`)."""
+    from encoders.models import resolve_model
+
+    adapter_dir = Path(adapter_dir)
+    base_spec = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(
+        "base_model_name_or_path"
+    )
+    if not base_spec:
+        raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json names no base model")
+    base_folder = Path(resolve_model(base_spec, models_dir))
+    return _merged_folder(
+        Path(models_dir) / "adapters" / adapter_digest(adapter_dir), base_folder, adapter_dir
+    )

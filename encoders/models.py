@@ -165,7 +165,8 @@ def _lock(models_dir: Path, name: str) -> Iterator[None]:
 def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
     """Turn a model spec into something `from_pretrained` accepts: a local folder or a hub id.
 
-    `bundled:NAME` is prepared on first use (that may take a few seconds); an existing path is used
+    `bundled:NAME` is prepared on first use (that may take a few seconds); a LoRA adapter folder
+    (`kvrag train code-adapter --out DIR`) is merged into its base once; any other existing path is used
     as is; anything else is passed on as a Hugging Face id (it loads where a hub is reachable).
     """
     spec = spec.strip()
@@ -180,6 +181,11 @@ def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
         with _lock(Path(models_dir), name):
             return str(BUNDLED[name].prepare(Path(models_dir)))
     path = Path(spec).expanduser()
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter: merged into the base it names
+        from encoders.code_adapter import adapter_encoder_folder
+
+        with _lock(Path(models_dir), "adapters"):
+            return str(adapter_encoder_folder(path.resolve(), Path(models_dir)))
     if path.exists():
         return str(path.resolve())
     return spec

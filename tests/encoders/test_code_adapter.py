@@ -326,6 +326,18 @@ def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypa
     np.testing.assert_allclose(c, b, atol=1e-5)
     assert st.prompts.get("query") == "query: "
 
+    # the adapter folder itself as an encoder spec: merged into the base it names, once
+    from encoders.models import resolve_model
+
+    spec_folder = Path(resolve_model(str(out), tmp_path / "models"))
+    assert spec_folder.parent == tmp_path / "models" / "adapters"
+    st = SentenceTransformer(str(spec_folder), device="cpu")
+    st.max_seq_length = 48
+    np.testing.assert_allclose(st.encode(texts, prompt="passage: ", convert_to_numpy=True), b, atol=1e-5)
+    stamp = (spec_folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(out), tmp_path / "models") == str(spec_folder)
+    assert (spec_folder / "model.safetensors").stat().st_mtime_ns == stamp
+
     # the bundled-style folder: built once, reused, rebuilt when the adapter changes
     models = tmp_path / "models"
     folder = code_encoder_folder(models, tiny_model_dir, out)
@@ -381,7 +393,8 @@ def test_search_style_queries():
         sum(q.startswith("how to ") for q in forms),
     ]
     assert all(s > 10 for s in shares) and sum(shares) == 200
-    assert forms == [search_query("Count the words", r) for r in [random.Random(1)] for _ in range(200)]
+    again = random.Random(1)
+    assert forms == [search_query("Count the words", again) for _ in range(200)]
 
 
 def test_web_queries_and_source_batches(tmp_path):
