@@ -457,6 +457,12 @@ class AdapterConfig:
     # recompute each layer's activations in the backward pass: a third more compute, a fraction of
     # the memory (what lets 32 pairs + 32 hard negatives of 256 tokens fit in 24 GB)
     gradient_checkpointing: bool = False
+    # distillation: encoders (model specs) whose mean cosine scores over each batch's queries x codes
+    # the student's scores should match (KL of the softmaxes, at every Matryoshka dim), on top of the
+    # ranking loss. Their embeddings of the training pairs are computed once, before training.
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 1.0
+    teacher_scale: float = 20.0  # softmax scale of the teachers' mean cosine
     extra: dict = field(default_factory=dict)
 
 
@@ -613,6 +619,48 @@ def matryoshka_mnrl_loss(q, c, dims: Sequence[int], scale: float = 20.0, weights
     return total
 
 
+def distill_loss(q, c, teacher_scores, dims: Sequence[int], scale: float = 20.0, teacher_scale: float = 20.0):
+    """Sum over `dims` of the row-wise KL divergence from the teachers' distribution over the batch's
+    codes (softmax of `teacher_scale` x their scores, one row per query) to the student's (softmax of
+    `scale` x the cosine of the first `d` components), averaged over rows."""
+    import torch.nn.functional as F
+
+    target = F.log_softmax(teacher_scale * teacher_scores, dim=-1)
+    total = q.new_zeros(())
+    for d in dims:
+        qd = F.normalize(q[:, :d], dim=-1)
+        cd = F.normalize(c[:, :d], dim=-1)
+        student = F.log_softmax(scale * qd @ cd.T, dim=-1)
+        total = total + F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return total
+
+
+def teacher_embeddings(
+    specs: Sequence[str], pairs: Sequence[Pair], models_dir: Path, *, show_progress: bool = False
+):
+    """Each teacher's normalised (query, code) embeddings of `pairs`, as float32 tensors."""
+    import torch
+
+    from encoders.encoder import EncoderConfig, load_encoder
+
+    out = []
+    for spec in specs:
+        enc = load_encoder(EncoderConfig(model=spec, models_dir=models_dir))
+        q = enc.encode([p.query for p in pairs], kind="query", show_progress=show_progress)
+        c = enc.encode([p.code for p in pairs], kind="passage", show_progress=show_progress)
+        out.append((torch.from_numpy(q.copy()), torch.from_numpy(c.copy())))
+    return out
+
+
+def teacher_batch_scores(teachers, rows: Sequence[int], codes: Sequence[int]):
+    """The teachers' mean cosine of queries `rows` x codes `codes`."""
+    total = None
+    for tq, tc in teachers:
+        s = tq[list(rows)] @ tc[list(codes)].T
+        total = s if total is None else total + s
+    return total / len(teachers)
+
+
 def retrieval_scores(q, c) -> dict[str, float]:
     """MRR@10 and recall@1 of query i finding code i among all codes (normalised embeddings)."""
     import torch
@@ -714,11 +762,12 @@ def fit(
     prompts: dict[str, str],
     *,
     negatives: Sequence[int] | None = None,
+    teachers=None,
     show_progress: bool = False,
 ) -> list[float]:
     """Train the LoRA parameters of `model` on `pairs`; returns the loss of each step. `negatives`
     (one pair index per pair, -1 for none; see `mine_hard_negatives`) adds each row's hard negative
-    code to the batch's candidates."""
+    code to the batch's candidates. `teachers` (see `teacher_embeddings`) adds the distillation loss."""
     import torch
     from tqdm.auto import tqdm
 
@@ -752,6 +801,9 @@ def fit(
             c = mean_pool(model, ci, cm)
             w = weights[idx]
             loss = matryoshka_mnrl_loss(q, c, dims, cfg.scale, None if bool((w == 1).all()) else w)
+            if teachers:
+                t = teacher_batch_scores(teachers, idx, codes)
+                loss = loss + cfg.distill_weight * distill_loss(q, c, t, dims, cfg.scale, cfg.teacher_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -805,6 +857,10 @@ def train_code_adapter(
         raise InvalidInputError("--rank must be >= 1")
     if cfg.query_style not in ("docstring", "web", "search"):  # before minutes of mining
         raise InvalidInputError(f"query_style must be docstring, web or search, not {cfg.query_style!r}")
+    if cfg.teachers and not cfg.distill_weight > 0:
+        raise InvalidInputError("--distill-weight must be > 0 with --teacher")
+    for spec in cfg.teachers:  # a bad spec fails here, not after minutes of mining
+        resolve_model(spec, get_settings().models_dir)
     t_start = time.perf_counter()
     stats = MiningStats()
     if pairs is None:
@@ -855,7 +911,23 @@ def train_code_adapter(
         negatives = mine_hard_negatives(model, tokenizer, train, prompts, cfg) if cfg.hard_negatives else None
         mine_negatives_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = fit(model, tokenizer, train, cfg, prompts, negatives=negatives, show_progress=show_progress)
+    teachers = (
+        teacher_embeddings(cfg.teachers, train, get_settings().models_dir, show_progress=show_progress)
+        if cfg.teachers
+        else None
+    )
+    teacher_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses = fit(
+        model,
+        tokenizer,
+        train,
+        cfg,
+        prompts,
+        negatives=negatives,
+        teachers=teachers,
+        show_progress=show_progress,
+    )
     train_s = time.perf_counter() - t0
     after = evaluate(model, tokenizer, held, prompts, cfg) if held else {}
 
@@ -892,6 +964,7 @@ def train_code_adapter(
             "mining": stats.seconds,
             "eval_base": round(eval_s, 1),
             "hard_negatives": round(mine_negatives_s, 1),
+            "teachers": round(teacher_s, 1),
             "training": round(train_s, 1),
             "steps_per_s": round(len(losses) / train_s, 4) if train_s > 0 else None,
             "total": round(time.perf_counter() - t_start, 1),
@@ -930,6 +1003,12 @@ def model_card(report: dict) -> str:
         if dims
         else "(no held-out pairs)"
     )
+    teachers = cfg.get("teachers") or ()
+    distilled = (
+        f" plus distillation from {' + '.join(f'`{t}`' for t in teachers)} (weight {cfg['distill_weight']})"
+        if teachers
+        else ""
+    )
     return f"""# {NAME}: a LoRA code adapter for {cfg["base"]}
 
 `bundled:{NAME}` = the base encoder with this adapter merged in: queries get the `query: ` prompt,
@@ -939,7 +1018,7 @@ Made by `{report.get("command", "kvrag train code-adapter")}` in {report["second
 ({report["threads"]} CPU thread(s), torch {report["torch"]}, peft {report["peft"]}): {report["pairs"]["train"]}
 (docstring or comment -> code) and (split name -> code) pairs mined from {report["mining"]["files"]} Python files
 of the standard library and installed packages, CoSQA's functions left out ({report["mining"]["excluded_cosqa"]}
-excluded), {report["steps"]} steps of in-batch-negative ranking loss (loss {report["loss_first"]} -> {report["loss_final"]}).
+excluded), {report["steps"]} steps of in-batch-negative ranking loss{distilled} (loss {report["loss_first"]} -> {report["loss_final"]}).
 Every option and count is in `recipe.json`.
 
 {table}

@@ -449,6 +449,8 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         batching=args.batching,
         hard_negatives=args.hard_negatives,
         gradient_checkpointing=args.gradient_checkpointing,
+        teachers=tuple(args.teacher or ()),
+        distill_weight=args.distill_weight,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -842,6 +844,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute activations in the backward pass: about a third slower, a fraction of the memory",
+    )
+    ta.add_argument(
+        "--teacher",
+        action="append",
+        help="encoder spec to distil from (repeatable: their mean score): the adapter also learns to "
+        "rank each batch's codes the way the teachers score them",
+    )
+    ta.add_argument(
+        "--distill-weight", type=float, default=1.0, help="weight of the distillation loss (with --teacher)"
     )
     ta.add_argument("--max-steps", type=int, help="stop after this many steps (timing probes)")
     ta.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

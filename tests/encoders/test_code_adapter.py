@@ -18,6 +18,7 @@ from encoders.code_adapter import (
     batch_codes,
     build_merged_folder,
     code_encoder_folder,
+    distill_loss,
     embed,
     fit,
     load_base,
@@ -28,6 +29,7 @@ from encoders.code_adapter import (
     read_prompts,
     split_identifier,
     summarise_docstring,
+    teacher_batch_scores,
     train_code_adapter,
     web_query,
 )
@@ -456,3 +458,75 @@ def test_batch_codes_append_each_outside_negative_once(tiny_model_dir, tmp_path)
         model = add_lora(model, cfg)
         runs.append(fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir), negatives=[1, 2, 3, 4, 5, 0]))
     assert len(runs[0]) == 2 and runs[0] == runs[1] and all(np.isfinite(runs[0]))
+
+
+def test_distill_loss_is_zero_on_the_teachers_scores_and_grows_with_disagreement():
+    import torch
+
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1)
+    same = distill_loss(q, c, q @ c.T, (32,), scale=20.0, teacher_scale=20.0)
+    assert abs(float(same)) < 1e-5
+    # truncated dims rank differently from the full-dim teacher: a positive term per extra dim
+    assert float(distill_loss(q, c, q @ c.T, (32, 16), 20.0, 20.0)) > 1e-3
+    flipped = distill_loss(q, c.flip(0), q @ c.T, (32,), 20.0, 20.0)
+    assert float(flipped) > 0.1
+    # two teachers: their mean score, over the rows and codes a batch holds (in that order)
+    t1 = (q, c)
+    t2 = (q.flip(1), c.flip(1))
+    rows, codes = [3, 0], [3, 0, 5]
+    want = (q[rows] @ c[codes].T + q[rows].flip(1) @ c[codes].flip(1).T) / 2
+    assert torch.allclose(teacher_batch_scores([t1, t2], rows, codes), want)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(tiny_model_dir, tmp_path):
+    """A teacher that ranks code i+1 first for query i: training with it moves the student's
+    in-batch distribution towards the teacher's far more than the ranking loss alone."""
+    import torch
+
+    n = len(PAIRS)
+    eye = torch.eye(n)
+    tq = eye
+    tc = eye.roll(-1, dims=0)  # query i scores code i+1 at 1, the rest at 0
+    tc = 0.6 * tc + 0.4 * eye  # and its own code next
+    tc = torch.nn.functional.normalize(tc, dim=-1)
+    teachers = [(tq, tc)]
+
+    def gap(model, tok, cfg):
+        prompts = read_prompts(tiny_model_dir)
+        q = embed(model, tok, [p.query for p in PAIRS], prompts["query"], cfg.query_max_length)
+        c = embed(model, tok, [p.code for p in PAIRS], prompts["passage"], cfg.code_max_length)
+        return float(distill_loss(q, c, teacher_batch_scores(teachers, range(n), range(n)), (32,)))
+
+    gaps = {}
+    for name, kw in {"plain": {}, "distilled": {"distill_weight": 5.0}}.items():
+        cfg = _cfg(
+            tmp_path,
+            tiny_model_dir,
+            batch_size=n,
+            epochs=25,
+            max_steps=25,
+            lora_dropout=0.0,
+            warmup=0.0,
+            **kw,
+        )
+        model, tok = load_base(tiny_model_dir)
+        model = add_lora(model, cfg)
+        before = gap(model, tok, cfg)
+        fit(model, tok, PAIRS, cfg, read_prompts(tiny_model_dir), teachers=teachers if kw else None)
+        gaps[name] = (before, gap(model, tok, cfg))
+    assert gaps["plain"][0] == pytest.approx(gaps["distilled"][0])  # same start
+    # measured: 1.84 -> 0.98 with the teacher; 1.84 -> 9.1 without (the ranking loss wants the diagonal)
+    assert gaps["distilled"][1] < 0.7 * gaps["distilled"][0]
+    assert gaps["distilled"][1] < 0.3 * gaps["plain"][1]
+
+
+def test_teacher_options_are_checked_before_mining(tmp_path):
+    with pytest.raises(InvalidInputError, match="distill-weight"):
+        train_code_adapter(AdapterConfig(out=tmp_path, teachers=("x",), distill_weight=0.0), pairs=PAIRS)
+    with pytest.raises((ModelNotFoundError, InvalidInputError)):
+        train_code_adapter(
+            AdapterConfig(out=tmp_path, teachers=(str(tmp_path / "no-such-model"),)), pairs=PAIRS
+        )
+    assert not (tmp_path / "recipe.json").exists()
