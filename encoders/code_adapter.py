@@ -611,12 +611,18 @@ def matryoshka_mnrl_loss(q, c, dims: Sequence[int], scale: float = 20.0, weights
 
     target = torch.arange(q.shape[0])
     total = q.new_zeros(())
-    for d in dims:
-        qd = F.normalize(q[:, :d], dim=-1)
-        cd = F.normalize(c[:, :d], dim=-1)
-        ce = F.cross_entropy(scale * qd @ cd.T, target, reduction="none")
+    for logits in _truncated_logits(q, c, dims, scale):
+        ce = F.cross_entropy(logits, target, reduction="none")
         total = total + (ce.mean() if weights is None else (ce * weights).sum() / weights.sum())
     return total
+
+
+def _truncated_logits(q, c, dims: Sequence[int], scale: float):
+    """For each d in `dims`: `scale` x the cosine of the first d components of queries x codes."""
+    import torch.nn.functional as F
+
+    for d in dims:
+        yield scale * F.normalize(q[:, :d], dim=-1) @ F.normalize(c[:, :d], dim=-1).T
 
 
 def distill_loss(q, c, teacher_scores, dims: Sequence[int], scale: float = 20.0, teacher_scale: float = 20.0):
@@ -627,25 +633,23 @@ def distill_loss(q, c, teacher_scores, dims: Sequence[int], scale: float = 20.0,
 
     target = F.log_softmax(teacher_scale * teacher_scores, dim=-1)
     total = q.new_zeros(())
-    for d in dims:
-        qd = F.normalize(q[:, :d], dim=-1)
-        cd = F.normalize(c[:, :d], dim=-1)
-        student = F.log_softmax(scale * qd @ cd.T, dim=-1)
+    for logits in _truncated_logits(q, c, dims, scale):
+        student = F.log_softmax(logits, dim=-1)
         total = total + F.kl_div(student, target, log_target=True, reduction="batchmean")
     return total
 
 
-def teacher_embeddings(
-    specs: Sequence[str], pairs: Sequence[Pair], models_dir: Path, *, show_progress: bool = False
-):
-    """Each teacher's normalised (query, code) embeddings of `pairs`, as float32 tensors."""
+def teacher_embeddings(specs: Sequence[str], pairs: Sequence[Pair], *, show_progress: bool = False):
+    """Each teacher's normalised (query, code) embeddings of `pairs`, as float32 tensors. Encoders are
+    built from the settings, embedding cache included: a second run on the same pairs encodes nothing."""
     import torch
 
-    from encoders.encoder import EncoderConfig, load_encoder
+    from encoders.encoder import load_encoder
+    from service.settings import get_settings
 
     out = []
     for spec in specs:
-        enc = load_encoder(EncoderConfig(model=spec, models_dir=models_dir))
+        enc = load_encoder(get_settings().encoder_config(spec))
         q = enc.encode([p.query for p in pairs], kind="query", show_progress=show_progress)
         c = enc.encode([p.code for p in pairs], kind="passage", show_progress=show_progress)
         out.append((torch.from_numpy(q.copy()), torch.from_numpy(c.copy())))
@@ -654,11 +658,8 @@ def teacher_embeddings(
 
 def teacher_batch_scores(teachers, rows: Sequence[int], codes: Sequence[int]):
     """The teachers' mean cosine of queries `rows` x codes `codes`."""
-    total = None
-    for tq, tc in teachers:
-        s = tq[list(rows)] @ tc[list(codes)].T
-        total = s if total is None else total + s
-    return total / len(teachers)
+    rows, codes = list(rows), list(codes)
+    return sum(tq[rows] @ tc[codes].T for tq, tc in teachers) / len(teachers)
 
 
 def retrieval_scores(q, c) -> dict[str, float]:
@@ -911,11 +912,7 @@ def train_code_adapter(
         negatives = mine_hard_negatives(model, tokenizer, train, prompts, cfg) if cfg.hard_negatives else None
         mine_negatives_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teachers = (
-        teacher_embeddings(cfg.teachers, train, get_settings().models_dir, show_progress=show_progress)
-        if cfg.teachers
-        else None
-    )
+    teachers = teacher_embeddings(cfg.teachers, train, show_progress=show_progress) if cfg.teachers else None
     teacher_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = fit(

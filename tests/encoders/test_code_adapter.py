@@ -522,11 +522,15 @@ def test_distillation_pulls_the_student_towards_the_teacher(tiny_model_dir, tmp_
     assert gaps["distilled"][1] < 0.3 * gaps["plain"][1]
 
 
-def test_teacher_options_are_checked_before_mining(tmp_path):
+def test_teacher_options_are_checked_before_mining(tmp_path, monkeypatch):
+    import encoders.code_adapter as ca
+
+    def no_mining(*a, **k):
+        raise AssertionError("mined before checking the teacher options")
+
+    monkeypatch.setattr(ca, "mine_pairs", no_mining)
     with pytest.raises(InvalidInputError, match="distill-weight"):
-        train_code_adapter(AdapterConfig(out=tmp_path, teachers=("x",), distill_weight=0.0), pairs=PAIRS)
-    with pytest.raises((ModelNotFoundError, InvalidInputError)):
-        train_code_adapter(
-            AdapterConfig(out=tmp_path, teachers=(str(tmp_path / "no-such-model"),)), pairs=PAIRS
-        )
+        train_code_adapter(AdapterConfig(out=tmp_path, teachers=("x",), distill_weight=0.0))
+    with pytest.raises(ModelNotFoundError, match="no-such-teacher"):
+        train_code_adapter(AdapterConfig(out=tmp_path, teachers=("bundled:no-such-teacher",)))
     assert not (tmp_path / "recipe.json").exists()
