@@ -40,6 +40,7 @@ from typing import Literal
 from encoders.codetext import split_identifier, summarise_docstring
 from encoders.errors import InvalidInputError, ModelNotFoundError
 from encoders.models import marker_matches, staged_folder
+from encoders.query_writer import write_queries
 from encoders.training import warmup_cosine
 
 NAME = "code-e5-small"
@@ -428,7 +429,10 @@ class AdapterConfig:
     # "web": docstring queries lower-cased, trailing punctuation dropped (as people type searches);
     # "search": also first sentence only, imperative verb, no articles or markup, and the language
     # named the way code searches name it ("python x", "x python", "how to x in python")
-    query_style: Literal["docstring", "web", "search"] = "docstring"
+    # "generated": searches written by `query_writer` (an instruction-tuned LLM, few-shot, greedy) from
+    # each docstring summary or split name; where it gives no usable search, the "search" rewrite
+    query_style: Literal["docstring", "web", "search", "generated"] = "docstring"
+    query_writer: str = "bundled:smollm2-135m-instruct"
     batching: Literal["random", "source"] = "random"  # source: batches of neighbouring files (harder)
     # one mined hard negative per pair: the training code the base model ranks highest for the query
     # below `hard_negative_margin` x the positive's score (higher ones are likely unlabelled positives)
@@ -856,8 +860,12 @@ def train_code_adapter(
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
     if cfg.rank < 1:
         raise InvalidInputError("--rank must be >= 1")
-    if cfg.query_style not in ("docstring", "web", "search"):  # before minutes of mining
-        raise InvalidInputError(f"query_style must be docstring, web or search, not {cfg.query_style!r}")
+    if cfg.query_style not in ("docstring", "web", "search", "generated"):  # before minutes of mining
+        raise InvalidInputError(
+            f"query_style must be docstring, web, search or generated, not {cfg.query_style!r}"
+        )
+    if cfg.query_style == "generated":
+        resolve_model(cfg.query_writer, get_settings().models_dir)
     if cfg.teachers and not cfg.distill_weight > 0:
         raise InvalidInputError("--distill-weight must be > 0 with --teacher")
     for spec in cfg.teachers:  # a bad spec fails here, not after minutes of mining
@@ -886,11 +894,28 @@ def train_code_adapter(
             )
         log(f"mined {len(pairs)} pairs from {stats.files} files in {stats.seconds} s")
     pairs = list(pairs)
+    n_written, write_s = 0, 0.0
     if cfg.query_style == "web":
         pairs = [replace(p, query=web_query(p.query)) if p.task == "doc" else p for p in pairs]
     elif cfg.query_style == "search":  # name pairs too: the language in a query must not tell the task
         rng = random.Random(cfg.seed + 3)
         pairs = [replace(p, query=search_query(p.query, rng)) for p in pairs]
+    elif cfg.query_style == "generated":
+        t0 = time.perf_counter()
+        with tqdm(total=len(pairs), desc="writing queries", unit="pair", disable=not show_progress) as bar:
+            written = write_queries(
+                [p.query for p in pairs],
+                writer=cfg.query_writer,
+                cache_path=get_settings().root / "cache" / "written-queries.jsonl",
+                progress=bar.update,
+            )
+        rng = random.Random(cfg.seed + 3)
+        n_written = sum(bool(q) for q in written)
+        write_s = time.perf_counter() - t0
+        pairs = [
+            replace(p, query=q or search_query(p.query, rng)) for p, q in zip(pairs, written, strict=True)
+        ]
+        log(f"wrote {n_written} of {len(pairs)} queries in {write_s:.0f} s")
     doc_idx = [i for i, p in enumerate(pairs) if p.task == "doc"]
     n_held = min(cfg.heldout, len(doc_idx) // 5)
     held_set = set(random.Random(cfg.seed + 2).sample(doc_idx, n_held)) if n_held >= 2 else set()
@@ -945,6 +970,7 @@ def train_code_adapter(
             "train": len(train),
             "train_name_pairs": sum(p.task == "name" for p in train),
             "hard_negatives": sum(n >= 0 for n in negatives) if negatives is not None else 0,
+            "queries_written": n_written,
             "heldout": len(held),
         },
         "heldout_retrieval": {"base": before, "adapter": after},
@@ -959,6 +985,7 @@ def train_code_adapter(
         "adapter_bytes": (out / "adapter_model.safetensors").stat().st_size,
         "seconds": {
             "mining": stats.seconds,
+            "writing_queries": round(write_s, 1),
             "eval_base": round(eval_s, 1),
             "hard_negatives": round(mine_negatives_s, 1),
             "teachers": round(teacher_s, 1),

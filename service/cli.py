@@ -446,6 +446,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         docstring_rest=not args.drop_docstring,
         query_style=args.query_style,
+        query_writer=args.query_writer,
         batching=args.batching,
         hard_negatives=args.hard_negatives,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -823,10 +824,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ta.add_argument(
         "--query-style",
-        choices=["docstring", "web", "search"],
+        choices=["docstring", "web", "search", "generated"],
         default="docstring",
         help="web: docstring queries lower-cased without trailing punctuation, as searches are typed; "
-        "search: also first sentence, imperative verb, no articles, and 'python' in the query",
+        "search: also first sentence, imperative verb, no articles, and 'python' in the query; "
+        "generated: searches written from each docstring by --query-writer (cached under KVRAG_HOME)",
+    )
+    ta.add_argument(
+        "--query-writer",
+        default="bundled:smollm2-135m-instruct",
+        help="generator model spec that writes the queries of --query-style generated",
     )
     ta.add_argument(
         "--batching",

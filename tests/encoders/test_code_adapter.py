@@ -534,3 +534,35 @@ def test_teacher_options_are_checked_before_mining(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="no-such-teacher"):
         train_code_adapter(AdapterConfig(out=tmp_path, teachers=("bundled:no-such-teacher",)))
     assert not (tmp_path / "recipe.json").exists()
+
+
+def test_generated_queries_replace_the_docstrings(tiny_model_dir, tmp_path, monkeypatch):
+    import encoders.code_adapter as ca
+
+    asked: list[list[str]] = []
+
+    def fake_writer(descriptions, **kw):
+        asked.append(list(descriptions))
+        return ["" if d.startswith("reverse") else f"python {d} fast" for d in descriptions]
+
+    seen: list = []
+    real_fit = ca.fit
+
+    def spy_fit(model, tok, train, *a, **k):
+        seen.extend(train)
+        return real_fit(model, tok, train, *a, **k)
+
+    monkeypatch.setattr(ca, "write_queries", fake_writer)
+    monkeypatch.setattr(ca, "fit", spy_fit)
+    cfg = _cfg(tmp_path, tiny_model_dir, query_style="generated", query_writer=str(tiny_model_dir))
+    report = train_code_adapter(cfg, pairs=PAIRS, log=lambda *_: None)
+    assert asked == [[p.query for p in PAIRS]]
+    queries = {p.code: p.query for p in seen}
+    assert queries[PAIRS[0].code] == "python split a header line fast"
+    assert queries[PAIRS[4].code] == "python count words fast"  # name pairs too
+    assert queries[PAIRS[2].code].startswith(("python", "reverse", "how to"))  # the search rewrite
+    assert "python" in queries[PAIRS[2].code] and "fast" not in queries[PAIRS[2].code]
+    assert report["pairs"]["queries_written"] == 5
+    assert report["config"]["query_writer"] == str(tiny_model_dir)
+    with pytest.raises(ModelNotFoundError):
+        train_code_adapter(AdapterConfig(out=tmp_path, query_style="generated", query_writer="bundled:nope"))
