@@ -255,6 +255,7 @@ def extract_candidates(
     max_query_chars: int,
     name_pairs: bool,
     docstring_rest: bool = False,
+    keep_docstring: bool = False,
 ) -> list[_Candidate]:
     """The (query, code) candidates of one Python file; its functions and classes are counted in `stats`."""
     try:
@@ -300,6 +301,8 @@ def extract_candidates(
                 kept[0] = f'{pad}"""{rest_lines[0]}\n'
                 kept[-1] = kept[-1][:-1] + '"""\n'
                 seg = lines[start - 1 : first] + kept + lines[last + 1 : end]
+            if keep_docstring:  # the whole docstring stays: for queries that do not repeat it verbatim
+                seg = lines[start - 1 : end]
         else:
             query = _leading_comment(lines, start)[:max_query_chars]
         if not _usable_query(query, min_query_words):
@@ -344,6 +347,7 @@ def mine_pairs(
     min_query_words: int = 3,
     max_query_chars: int = 300,
     docstring_rest: bool = False,
+    keep_docstring: bool = False,
     stats: MiningStats | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Pair]:
@@ -383,6 +387,7 @@ def mine_pairs(
                 max_query_chars=max_query_chars,
                 name_pairs=name_pairs,
                 docstring_rest=docstring_rest,
+                keep_docstring=keep_docstring,
             ):
                 if any(k in excluded for k in c.keys):
                     stats.excluded_cosqa += 1
@@ -426,6 +431,9 @@ class AdapterConfig:
     include_tests: bool = False
     # keep the docstring minus its first paragraph (the query) on the code side; False: no docstring
     docstring_rest: bool = True
+    # keep the whole docstring on the code side, as CoSQA's functions have it (with --query-style
+    # generated only: other query styles are the docstring's own first sentence)
+    keep_docstring: bool = False
     # "web": docstring queries lower-cased, trailing punctuation dropped (as people type searches);
     # "search": also first sentence only, imperative verb, no articles or markup, and the language
     # named the way code searches name it ("python x", "x python", "how to x in python")
@@ -866,6 +874,10 @@ def train_code_adapter(
         )
     if cfg.query_style == "generated":
         resolve_model(cfg.query_writer, get_settings().models_dir)
+    elif cfg.keep_docstring:
+        raise InvalidInputError(
+            "--keep-docstring needs --query-style generated: the query is the docstring's own"
+        )
     if cfg.teachers and not cfg.distill_weight > 0:
         raise InvalidInputError("--distill-weight must be > 0 with --teacher")
     for spec in cfg.teachers:  # a bad spec fails here, not after minutes of mining
@@ -889,6 +901,7 @@ def train_code_adapter(
                 name_pairs_share=cfg.name_pairs_share * cfg.max_pairs / (cfg.max_pairs + cfg.heldout),
                 include_tests=cfg.include_tests,
                 docstring_rest=cfg.docstring_rest,
+                keep_docstring=cfg.keep_docstring,
                 stats=stats,
                 progress=bar.update,
             )

@@ -445,6 +445,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
         roots=tuple(args.root or ()),
         max_pairs=args.max_pairs,
         docstring_rest=not args.drop_docstring,
+        keep_docstring=args.keep_docstring,
         query_style=args.query_style,
         query_writer=args.query_writer,
         batching=args.batching,
@@ -821,6 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the whole docstring from the code side (default: remove only its first paragraph, "
         "which becomes the query, and keep the rest)",
+    )
+    ta.add_argument(
+        "--keep-docstring",
+        action="store_true",
+        help="keep the whole docstring on the code side, as searched code has it "
+        "(with --query-style generated, whose queries are not the docstring's words)",
     )
     ta.add_argument(
         "--query-style",

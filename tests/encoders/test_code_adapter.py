@@ -173,6 +173,19 @@ def test_miner_can_keep_the_docstring_without_its_query(source_tree):
     assert stats.code_unparsable == 0
 
 
+def test_miner_can_keep_the_whole_docstring(source_tree, tmp_path):
+    strict, _ = _mine(source_tree, name_pairs=False)
+    kept, _ = _mine(source_tree, name_pairs=False, keep_docstring=True)
+    by_name = {p.name: p for p in kept}
+    header = by_name["parse_header_line"]
+    assert ast.get_docstring(ast.parse(header.code).body[0]).startswith(header.query)
+    assert "fixed-size" in by_name["RingBuffer"].code
+    assert by_name["running_mean"].code == {p.name: p for p in strict}["running_mean"].code  # no docstring
+    assert [(p.name, p.query) for p in kept] == [(p.name, p.query) for p in strict]
+    with pytest.raises(InvalidInputError, match="keep-docstring"):  # the query would be in the code
+        train_code_adapter(AdapterConfig(out=tmp_path, keep_docstring=True))
+
+
 def test_miner_name_pairs_tests_and_determinism(source_tree):
     pairs, _ = _mine(source_tree, name_pairs_share=1.0)
     names = {p.query: p for p in pairs if p.task == "name"}
