@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from encoders.errors import InvalidInputError
+from encoders.training import cached_rows
 
 DEFAULT_WRITER = "bundled:smollm2-135m-instruct"
 PROMPT_VERSION = "search-v1"
@@ -75,18 +76,8 @@ def _key(model_id: str, description: str) -> str:
 
 
 def _read_cache(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if not path.is_file():
-        return out
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run: written again
-            if isinstance(row, dict) and isinstance(row.get("k"), str) and isinstance(row.get("q"), str):
-                out[row["k"]] = row["q"]
-    return out
+    rows = cached_rows(path)
+    return {r["k"]: r["q"] for r in rows if isinstance(r.get("k"), str) and isinstance(r.get("q"), str)}
 
 
 def hf_generate(path: str, *, max_new_tokens: int = 16) -> Callable[[list[str]], list[str]]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from encoders.errors import InvalidInputError
-from encoders.training import warmup_cosine
+from encoders.training import cached_rows, warmup_cosine
 from rag.compress.base import char_to_word, mean_per_word, select_words, split_words, token_words
 
 TEACHER_RATES = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -439,15 +439,11 @@ def _text_key(text: str, teacher: str) -> str:
 def _load_label_cache(path: Path) -> dict[str, list[float]]:
     """Every complete entry of a label cache (a line cut short by an interrupted run is skipped)."""
     found: dict[str, list[float]] = {}
-    if not path.is_file():
-        return found
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-                found[str(row["key"])] = [float(x) for x in row["labels"]]
-            except (ValueError, KeyError, TypeError):
-                continue
+    for row in cached_rows(path):
+        try:
+            found[str(row["key"])] = [float(x) for x in row["labels"]]
+        except (ValueError, KeyError, TypeError):
+            continue
     return found
 
 
