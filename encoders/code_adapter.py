@@ -40,7 +40,7 @@ from typing import Literal
 from encoders.codetext import split_identifier, summarise_docstring
 from encoders.errors import InvalidInputError, ModelNotFoundError
 from encoders.models import marker_matches, staged_folder
-from encoders.query_writer import write_queries
+from encoders.query_writer import DEFAULT_WRITER, write_queries
 from encoders.training import warmup_cosine
 
 NAME = "code-e5-small"
@@ -292,7 +292,9 @@ def extract_candidates(
             doc = ast.get_docstring(node, clean=True) or ""
             query = summarise_docstring(doc, max_query_chars)
             rest = doc.strip().split("\n\n", 1)[1].strip() if "\n\n" in doc.strip() else ""
-            if docstring_rest and rest and '"""' not in rest and not rest.endswith("\\"):
+            if keep_docstring:  # the whole docstring stays: for queries that do not repeat it verbatim
+                seg = lines[start - 1 : end]
+            elif docstring_rest and rest and '"""' not in rest and not rest.endswith("\\"):
                 # keep the docstring without its first paragraph (the query): the code then looks like
                 # documented code, as code to search usually is, yet does not contain the query
                 pad = " " * d.col_offset
@@ -301,8 +303,6 @@ def extract_candidates(
                 kept[0] = f'{pad}"""{rest_lines[0]}\n'
                 kept[-1] = kept[-1][:-1] + '"""\n'
                 seg = lines[start - 1 : first] + kept + lines[last + 1 : end]
-            if keep_docstring:  # the whole docstring stays: for queries that do not repeat it verbatim
-                seg = lines[start - 1 : end]
         else:
             query = _leading_comment(lines, start)[:max_query_chars]
         if not _usable_query(query, min_query_words):
@@ -440,7 +440,7 @@ class AdapterConfig:
     # "generated": searches written by `query_writer` (an instruction-tuned LLM, few-shot, greedy) from
     # each docstring summary or split name; where it gives no usable search, the "search" rewrite
     query_style: Literal["docstring", "web", "search", "generated"] = "docstring"
-    query_writer: str = "bundled:smollm2-135m-instruct"
+    query_writer: str = DEFAULT_WRITER
     batching: Literal["random", "source"] = "random"  # source: batches of neighbouring files (harder)
     # one mined hard negative per pair: the training code the base model ranks highest for the query
     # below `hard_negative_margin` x the positive's score (higher ones are likely unlabelled positives)
@@ -878,6 +878,8 @@ def train_code_adapter(
         raise InvalidInputError(
             "--keep-docstring needs --query-style generated: the query is the docstring's own"
         )
+    if cfg.keep_docstring and not cfg.docstring_rest:
+        raise InvalidInputError("--keep-docstring and --drop-docstring contradict each other")
     if cfg.teachers and not cfg.distill_weight > 0:
         raise InvalidInputError("--distill-weight must be > 0 with --teacher")
     for spec in cfg.teachers:  # a bad spec fails here, not after minutes of mining

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from encoders.errors import KvragError
+from encoders.query_writer import DEFAULT_WRITER
 from service.settings import get_settings
 
 
@@ -839,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ta.add_argument(
         "--query-writer",
-        default="bundled:smollm2-135m-instruct",
+        default=DEFAULT_WRITER,
         help="generator model spec that writes the queries of --query-style generated",
     )
     ta.add_argument(

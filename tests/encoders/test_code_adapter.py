@@ -184,6 +184,16 @@ def test_miner_can_keep_the_whole_docstring(source_tree, tmp_path):
     assert [(p.name, p.query) for p in kept] == [(p.name, p.query) for p in strict]
     with pytest.raises(InvalidInputError, match="keep-docstring"):  # the query would be in the code
         train_code_adapter(AdapterConfig(out=tmp_path, keep_docstring=True))
+    with pytest.raises(InvalidInputError, match="contradict"):
+        train_code_adapter(
+            AdapterConfig(
+                out=tmp_path,
+                keep_docstring=True,
+                docstring_rest=False,
+                query_style="generated",
+                query_writer=str(tmp_path),
+            )
+        )
 
 
 def test_miner_name_pairs_tests_and_determinism(source_tree):
