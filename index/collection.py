@@ -2,14 +2,26 @@
 
 $KVRAG_HOME/collections/NAME/passages.sqlite
                              vectors/manifest.json, index.G.faiss, ids.G.npy, vectors.f32, ...
-                             bm25/
+                             bm25/bm25.json, gen.G/
+                             writer.lock
+
+Each part is written crash-safely on its own (SQLite transactions, generation files behind a
+manifest), but together they are only consistent after `commit()`: a writer killed in between
+leaves the store ahead of the indexes, which `index.job.recover` puts right when the collection is
+next opened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import shutil
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +30,19 @@ import numpy as np
 
 from encoders.adaptor import check_method
 from encoders.encoder import Encoder
-from encoders.errors import CollectionNotFoundError, DimensionMismatchError, InvalidInputError
+from encoders.errors import (
+    CollectionNotFoundError,
+    CorruptIndexError,
+    DimensionMismatchError,
+    InvalidInputError,
+)
 from index.hybrid import BM25Index, rrf
 from index.store import PassageRow, PassageStore
 from index.vector import VectorIndex, parse_spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_QUERY_CHARS = 4000
+WRITER_LOCK = "writer.lock"
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,9 @@ class Collection:
         self._index: VectorIndex | None = None
         self._bm25: BM25Index | None = None
         self.bm25_dirty = False
+        self._writer = threading.RLock()
+        self._writer_fd: int | None = None
+        self._writer_depth = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod
@@ -159,17 +180,29 @@ class Collection:
     def list(home: Path) -> list[str]:
         root = Path(home) / "collections"
         return (
-            sorted(p.name for p in root.iterdir() if (p / "passages.sqlite").exists())
+            sorted(
+                p.name
+                for p in root.iterdir()
+                if NAME_RE.fullmatch(p.name) and (p / "passages.sqlite").exists()
+            )
             if root.exists()
             else []
         )
 
     @classmethod
-    def delete(cls, home: Path, name: str) -> None:
+    def detach(cls, home: Path, name: str) -> Path:
+        """Take a collection out of `home` at once (an atomic rename); returns the renamed folder,
+        for `shutil.rmtree`. Its files may still be open in a process that writes to them."""
         folder = cls.folder_for(home, name)
         if not (folder / "passages.sqlite").exists():
             raise CollectionNotFoundError(f"no collection {name!r} in {home}")
-        shutil.rmtree(folder)
+        trash = folder.with_name(f".deleted-{name}-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, trash)
+        return trash
+
+    @classmethod
+    def delete(cls, home: Path, name: str) -> None:
+        shutil.rmtree(cls.detach(home, name), ignore_errors=True)
 
     def close(self) -> None:
         self.store.close()
@@ -213,14 +246,25 @@ class Collection:
 
     @property
     def bm25(self) -> BM25Index:
+        """The BM25 index: the saved one when it holds exactly the store's passages, else rebuilt
+        from the store (missing, unreadable, or stale after a writer was killed between saving the
+        vectors and BM25). A rebuild is saved only when no other writer holds the collection."""
         if self._bm25 is None:
+            loaded = None
             if (self.folder / "bm25" / "bm25.json").exists() and not self.bm25_dirty:
-                self._bm25 = BM25Index.load(self.folder / "bm25")
+                try:
+                    loaded = BM25Index.load(self.folder / "bm25")
+                except CorruptIndexError:
+                    loaded = None
+            if loaded is not None and np.array_equal(np.sort(loaded.ids), self.stored_ids()):
+                self._bm25 = loaded
             else:
-                self.rebuild_bm25()
+                with self.writing(blocking=False) as owner:
+                    self.rebuild_bm25(save=owner)
         return self._bm25  # type: ignore[return-value]
 
-    def rebuild_bm25(self) -> None:
+    def rebuild_bm25(self, *, save: bool = True) -> None:
+        """Build BM25 over the stored passages; `save` writes it (a new generation) to bm25/."""
         ids: list[int] = []
         texts: list[str] = []
         for batch_ids, batch_texts in self.store.iter_texts():
@@ -228,15 +272,93 @@ class Collection:
             texts += batch_texts
         self._bm25 = BM25Index(self.config.bm25_language)
         self._bm25.build(ids, texts)
-        self._bm25.save(self.folder / "bm25")
-        self.bm25_dirty = False
+        if save:
+            with self.writing():
+                self._bm25.save(self.folder / "bm25")
+            self.bm25_dirty = False
 
     def commit(self) -> None:
-        """Persist the vector index (crash-safe) and refresh BM25 after changes."""
+        """Persist the vector index, then refresh BM25 after changes, holding the writer lock.
+
+        Each step is crash-safe on its own, so a kill leaves one of these states, all of which
+        `index.job.recover` detects by comparing ids and repairs: SQLite ahead of both indexes (a
+        kill before or during the vector save: the manifest still names the previous generation),
+        or the vectors current and BM25 a generation behind (a kill before or during the BM25 save:
+        bm25.json still names the previous generation). Vectors go first as they cost the most to
+        recompute; BM25 is rebuilt from the store in seconds."""
+        with self.writing():
+            if self._index is not None:
+                self._index.save(self.folder / "vectors")
+            if self.bm25_dirty:
+                self.rebuild_bm25()
+
+    @contextlib.contextmanager
+    def writing(self, *, blocking: bool = True) -> Iterator[bool]:
+        """Hold the collection's writer lock while changing its files, so that one writer at a time
+        (process or Collection object) touches them. An flock on writer.lock: the kernel releases it
+        when its holder dies, even by kill -9. Re-entrant within a thread of this object. Yields
+        whether the lock is held: False only with `blocking=False` when another writer holds it (or
+        the folder is read-only)."""
+        if not self._writer.acquire(blocking=blocking):
+            yield False
+            return
+        try:
+            if self._writer_depth == 0:
+                self._writer_fd = self._flock(blocking)
+                if self._writer_fd is None:
+                    yield False
+                    return
+            self._writer_depth += 1
+            try:
+                yield True
+            finally:
+                self._writer_depth -= 1
+                if self._writer_depth == 0 and self._writer_fd is not None:
+                    os.close(self._writer_fd)  # releases the flock
+                    self._writer_fd = None
+        finally:
+            self._writer.release()
+
+    def _flock(self, blocking: bool) -> int | None:
+        """An fd of writer.lock holding its exclusive flock; None when `blocking` is False and it is
+        held elsewhere or cannot be created."""
+        try:
+            fd = os.open(self.folder / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            if blocking:
+                raise
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- consistency ----------------------------------------------------------------------------
+    def stored_ids(self) -> np.ndarray:
+        """The ids of the stored passages, ascending."""
+        return self.store.passage_id_array()
+
+    def vector_ids(self) -> np.ndarray:
+        """The ids live in the vector index, ascending: from memory when it is loaded, else from its
+        saved id map alone (no FAISS load); empty when there is no index yet."""
         if self._index is not None:
-            self._index.save(self.folder / "vectors")
-        if self.bm25_dirty:
-            self.rebuild_bm25()
+            ids = self._index.row_ids[self._index.row_ids >= 0]
+        elif (self.folder / "vectors" / "manifest.json").exists():
+            ids = VectorIndex.saved_ids(self.folder / "vectors")
+        else:
+            ids = np.zeros(0, dtype=np.int64)
+        return np.sort(ids)
+
+    def bm25_ids(self) -> np.ndarray | None:
+        """The ids the BM25 index covers, ascending: from memory when it is loaded, else from its
+        saved id map alone; None when there is no readable saved index."""
+        ids = self._bm25.ids if self._bm25 is not None else BM25Index.saved_ids(self.folder / "bm25")
+        return None if ids is None else np.sort(ids)
 
     # -- search ---------------------------------------------------------------------------------
     def search(

@@ -8,15 +8,25 @@ chosen per collection when its text is in one known language.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from encoders.errors import CorruptIndexError, InvalidInputError
-from index.atomic import write_json, write_npy
+from index.atomic import fsync_dir, write_json
 
 RRF_K = 60
+META = "bm25.json"
+IDS = "ids.npy"
+FORMAT_VERSION = 2
+_GENERATION = re.compile(r"gen\.\d+")
+_TEMP = re.compile(r"\.(gen\.\d+|bm25\.json|bm25_ids\.npy)\..+\.tmp")
+_LEGACY_IDS, _LEGACY_BM25S = "bm25_ids.npy", "bm25s"
 
 
 class BM25Index:
@@ -25,6 +35,7 @@ class BM25Index:
     def __init__(self, language: str | None = None):
         self.language = language
         self.ids = np.zeros(0, dtype=np.int64)
+        self.generation = 0
         self._retriever = None
 
     def _stemmer(self):
@@ -76,29 +87,133 @@ class BM25Index:
         return out_s, out_i
 
     def save(self, folder: str | Path) -> None:
+        """Write a new generation into `folder`, crash-safely: the bm25s files and the id map are
+        written to a temporary folder, fsynced and renamed to `gen.G`, then `bm25.json` (the commit
+        point) is atomically replaced to name it; a kill at any point leaves the previous generation
+        readable. Older generations (and the single-folder layout of earlier versions) are removed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self._retriever is not None:
-            self._retriever.save(str(folder / "bm25s"))
-        write_npy(folder / "bm25_ids.npy", self.ids)
-        write_json(folder / "bm25.json", {"language": self.language, "count": len(self.ids)})
+        old = _read_meta(folder)
+        gen = max(self.generation, int(old.get("generation", 0)) if old else 0) + 1
+        tmp = Path(tempfile.mkdtemp(prefix=f".gen.{gen}.", suffix=".tmp", dir=folder))
+        try:
+            if self._retriever is not None:
+                self._retriever.save(str(tmp / "bm25s"), show_progress=False)
+            np.save(tmp / IDS, self.ids, allow_pickle=False)
+            _fsync_tree(tmp)
+            final = folder / f"gen.{gen}"
+            if final.exists():  # left by a save killed before its commit point: nothing refers to it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(folder)
+        write_json(
+            folder / META,
+            {
+                "format_version": FORMAT_VERSION,
+                "language": self.language,
+                "count": len(self.ids),
+                "generation": gen,
+                "folder": final.name,
+            },
+        )  # the commit point
+        for stale in folder.iterdir():
+            if stale.name in (META, final.name):
+                continue
+            # older generations, saves killed half-way, and the in-place files of earlier versions
+            name = stale.name
+            if _GENERATION.fullmatch(name) or _TEMP.fullmatch(name) or name in (_LEGACY_IDS, _LEGACY_BM25S):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+        fsync_dir(folder)
+        self.generation = gen
+
+    @staticmethod
+    def saved_ids(folder: str | Path) -> np.ndarray | None:
+        """The passage ids of the index saved in `folder`, read without loading bm25s (a cheap check
+        against the store); None when there is none or it cannot be read."""
+        try:
+            meta, ids_path, _ = _committed(Path(folder))
+            return _read_ids(ids_path, meta)
+        except (CorruptIndexError, OSError):
+            return None
 
     @classmethod
     def load(cls, folder: str | Path) -> BM25Index:
+        """Open a saved index; raises CorruptIndexError when its files are unreadable or disagree
+        (the count in bm25.json, the id map and the bm25s corpus size): rebuild it from the store."""
         import bm25s
 
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "bm25.json").read_text())
+            meta, ids_path, bm25s_path = _committed(folder)
             self = cls(meta.get("language"))
-            self.ids = np.load(folder / "bm25_ids.npy", allow_pickle=False)
+            self.generation = int(meta.get("generation", 0))
+            self.ids = _read_ids(ids_path, meta)
             if len(self.ids):
-                self._retriever = bm25s.BM25.load(str(folder / "bm25s"))
-        except (OSError, ValueError, KeyError) as exc:
+                self._retriever = bm25s.BM25.load(str(bm25s_path), show_progress=False)
+                num_docs = self._retriever.scores.get("num_docs")
+                if num_docs != len(self.ids):
+                    raise ValueError(f"bm25s holds {num_docs} passages, the id map {len(self.ids)}")
+        except CorruptIndexError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
             raise CorruptIndexError(
                 f"BM25 index at {folder} is unreadable ({exc}): re-run `kvrag index`"
             ) from exc
         return self
+
+
+def _read_meta(folder: Path) -> dict | None:
+    """bm25.json, or None when it is absent or unreadable."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _committed(folder: Path) -> tuple[dict, Path, Path]:
+    """(bm25.json, the id map and the bm25s folder it names); FileNotFoundError when there is none."""
+    meta = _read_meta(folder)
+    if meta is None:
+        if not (folder / META).exists():
+            raise FileNotFoundError(f"no BM25 index at {folder}")
+        raise CorruptIndexError(f"{folder / META} is unreadable: re-run `kvrag index`")
+    if "generation" not in meta:  # the layout of earlier versions, written in place
+        return meta, folder / _LEGACY_IDS, folder / _LEGACY_BM25S
+    name = str(meta.get("folder"))
+    if meta.get("format_version") != FORMAT_VERSION or not _GENERATION.fullmatch(name):
+        raise CorruptIndexError(f"{folder / META} has an unknown format: re-run `kvrag index`")
+    return meta, folder / name / IDS, folder / name / "bm25s"
+
+
+def _read_ids(path: Path, meta: dict) -> np.ndarray:
+    """The id map at `path`, checked against the count in bm25.json."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise CorruptIndexError(f"BM25 id map {path} is unreadable ({exc})") from exc
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != meta.get("count"):
+        raise CorruptIndexError(
+            f"BM25 id map {path} holds {len(ids)} ids, bm25.json says {meta.get('count')}"
+        )
+    return ids.astype(np.int64, copy=False)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(folder)
 
 
 def rrf(rankings: Sequence[Sequence[int]], k: int, *, c: int = RRF_K) -> list[tuple[int, float]]:

@@ -3,7 +3,8 @@
 Idempotent: a document whose content hash is unchanged is skipped, a changed one is replaced, and
 `prune=True` deletes documents whose source file is gone. Resumable: passages committed to SQLite
 but missing from the vector index (a crash between the two) are embedded on the next run, and
-vectors whose passage is gone are removed.
+vectors whose passage is gone are removed. `recover`, run when a collection is opened, does the
+same without waiting for a next run, so that a killed job leaves no stored document unsearchable.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from encoders.adaptor import encode_pseudo_queries, pseudo_queries_suit
 from encoders.encoder import Encoder
-from encoders.errors import InvalidInputError
+from encoders.errors import CorruptIndexError, InvalidInputError
 from index.chunking import chunk_document
 from index.collection import Collection
 from index.lang import guess_language
@@ -52,6 +54,7 @@ CODE_SUFFIXES = {
 }
 MAX_FILE_BYTES = 10_000_000
 MAX_DOC_CHARS = 2_000_000
+CALIBRATION_PASSAGES = 256  # passages a repair calibrates a new index on (the job's first batch)
 
 
 @dataclass
@@ -244,7 +247,29 @@ def index_documents(
     show_progress: bool = False,
     report: JobReport | None = None,
 ) -> JobReport:
-    """Bring the collection in line with `docs` (see module docstring)."""
+    """Bring the collection in line with `docs` (see module docstring), holding its writer lock."""
+    with collection.writing():
+        return _index_documents(
+            collection,
+            docs,
+            encoder,
+            prune_sources=prune_sources,
+            batch_docs=batch_docs,
+            show_progress=show_progress,
+            report=report,
+        )
+
+
+def _index_documents(
+    collection: Collection,
+    docs: Iterator[Document],
+    encoder: Encoder,
+    *,
+    prune_sources: list[str] | None,
+    batch_docs: int,
+    show_progress: bool,
+    report: JobReport | None,
+) -> JobReport:
     import time
 
     from tqdm.auto import tqdm
@@ -358,9 +383,15 @@ def _input_dim(collection: Collection, encoder: Encoder) -> int | None:
 
 def repair(collection: Collection, encoder: Encoder) -> int:
     """Make the vector index hold exactly the store's passages; returns how many entries changed."""
-    index = collection.ensure_index(
-        collection.config.dim or encoder.dim, input_dim=_input_dim(collection, encoder)
-    )
+    removed, added = _sync_vectors(collection, encoder)
+    return removed + added
+
+
+def _sync_vectors(collection: Collection, encoder: Encoder) -> tuple[int, int]:
+    """`repair`, returning (orphan vectors removed, missing passages embedded). A new index is
+    calibrated on the first passages as the job's first batch would have been."""
+    cfg = collection.config
+    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
     stored = set(collection.store.passage_ids())
     indexed = set(index.row_ids[index.row_ids >= 0].tolist())
     orphans = sorted(indexed - stored)
@@ -369,12 +400,77 @@ def repair(collection: Collection, encoder: Encoder) -> int:
     if missing:
         rows = collection.store.passages(missing)
         texts = [embed_text(r.doc_title, r.text, r.kind) for r in rows]
-        index.add(
-            np.array([r.id for r in rows], dtype=np.int64),
-            encoder.encode(texts, kind="passage", dim=index.input_dim),
-        )
+        ids = np.array([r.id for r in rows], dtype=np.int64)
+        vecs = encoder.encode(texts, kind="passage", dim=index.input_dim)
+        first = 0
+        if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
+            first = min(len(ids), CALIBRATION_PASSAGES)
+            passages = calibration_passages(collection, ids[:first].tolist())
+            fit_queries = (
+                encode_pseudo_queries(encoder, passages, dim=index.input_dim)
+                if passages is not None
+                else None
+            )
+            index.add(ids[:first], vecs[:first], fit_queries=fit_queries)
+        index.add(ids[first:], vecs[first:])
         collection.bm25_dirty = True
-    return len(orphans) + len(missing)
+    return len(orphans), len(missing)
+
+
+def recover(collection: Collection, encoder: Encoder) -> dict[str, Any]:
+    """Make a just-opened collection consistent again after a writer was killed; run it on open.
+
+    A job killed mid-run leaves documents committed to SQLite that the saved vector index and BM25
+    lack (or still hold the passages of documents it replaced or deleted): stored but unsearchable.
+    This embeds the missing passages, removes orphan vectors, rebuilds a stale BM25 and commits,
+    so every stored document is fully searchable. Cheap when nothing is wrong: it compares id sets
+    read from the store and the saved id maps, calls no encoder and writes no file. While another
+    writer holds the collection (a running job, which repairs at its own end) it changes nothing.
+
+    Returns {"vectors_added", "vectors_removed", "bm25_rebuilt", "skipped"}: what it did, and
+    whether it stood back for a running writer, for callers to log or show."""
+    report: dict[str, Any] = {
+        "vectors_added": 0,
+        "vectors_removed": 0,
+        "bm25_rebuilt": False,
+        "skipped": False,
+    }
+    if all(_consistency(collection)):
+        return report
+    with collection.writing(blocking=False) as owner:
+        if not owner:
+            report["skipped"] = True
+            return report
+        vectors_ok, bm25_ok = _consistency(collection)  # again: a writer may have finished meanwhile
+        if not vectors_ok:
+            if encoder.name != collection.config.encoder:
+                raise InvalidInputError(
+                    f"collection {collection.name!r} was built with {collection.config.encoder},"
+                    f" not {encoder.name}: recover it with that encoder"
+                )
+            report["vectors_removed"], report["vectors_added"] = _sync_vectors(collection, encoder)
+        if not bm25_ok:
+            collection.bm25_dirty = True
+        report["bm25_rebuilt"] = collection.bm25_dirty
+        if not vectors_ok:
+            collection.commit()
+        elif collection.bm25_dirty:
+            collection.rebuild_bm25()
+    return report
+
+
+def _consistency(collection: Collection) -> tuple[bool, bool]:
+    """(the vector index holds exactly the stored passages, so does the saved BM25 index)."""
+    stored = collection.stored_ids()
+    try:
+        vectors_ok = np.array_equal(collection.vector_ids(), stored)
+    except CorruptIndexError:
+        vectors_ok = True  # not a crash's doing (saves are atomic): loading it reports the damage
+    bm25 = collection.bm25_ids()
+    bm25_ok = not collection.bm25_dirty and (
+        np.array_equal(bm25, stored) if bm25 is not None else not len(stored)
+    )
+    return vectors_ok, bm25_ok
 
 
 def index_paths(

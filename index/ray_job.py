@@ -439,14 +439,17 @@ def index_paths_ray(
     docs = iter_documents(list(paths), report.skipped_files)
     kv_report: dict | None = None
     t_ray = time.perf_counter()
-    with ray_session(options.address, options.num_cpus) as ray, _data_context(ray, show_progress):
-        stats["ray_start_seconds"] = round(time.perf_counter() - t_ray, 3)
-        stats["cluster_cpus"] = ray.cluster_resources().get("CPU", 0.0)
-        groups, seen = _chunk_and_store(ray, collection, docs, encoder_config, options, report, stats)
-        if prune_sources is not None:
-            _prune(collection, prune_sources, seen, report)
-        kv_totals = _embed_and_store_kv(ray, collection, groups, encoder_config, kv, options, report, stats)
-    collection.commit()
+    with collection.writing():  # the driver is the collection's one writer for the whole run
+        with ray_session(options.address, options.num_cpus) as ray, _data_context(ray, show_progress):
+            stats["ray_start_seconds"] = round(time.perf_counter() - t_ray, 3)
+            stats["cluster_cpus"] = ray.cluster_resources().get("CPU", 0.0)
+            groups, seen = _chunk_and_store(ray, collection, docs, encoder_config, options, report, stats)
+            if prune_sources is not None:
+                _prune(collection, prune_sources, seen, report)
+            kv_totals = _embed_and_store_kv(
+                ray, collection, groups, encoder_config, kv, options, report, stats
+            )
+        collection.commit()
     report.documents, report.passages = collection.store.counts().values()
     report.seconds = round(time.perf_counter() - t0, 3)
     if kv is not None:

@@ -112,13 +112,14 @@ def parse_spec(spec: str) -> IndexSpec:
     parsed = _parse_spec(spec)
     if parsed.family in ("hnsw", "hnsw_sq8", "bhnsw") and not 2 <= parsed.param <= 512:
         raise InvalidInputError(f"{spec}: HNSW needs 2 <= M <= 512 (32 is a good default)")
-    if parsed.family == "bivf" and parsed.param < 1:
-        raise InvalidInputError(f"{spec}: BIVF needs at least one list (about sqrt(N) is a good start)")
+    if parsed.family == "bivf" and not 1 <= parsed.param <= 1_000_000:
+        raise InvalidInputError(f"{spec}: BIVF needs 1 to 1,000,000 lists (about sqrt(N) is a good start)")
     return parsed
 
 
 def _parse_spec(spec: str) -> IndexSpec:
-    m = _SPEC_RE.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    # a spec is short; past that, a parameter's digits would be parsed as a huge int (or refused)
+    m = _SPEC_RE.fullmatch(spec.strip()) if isinstance(spec, str) and len(spec) <= 64 else None
     if not m:
         raise InvalidInputError(
             f"unknown index spec {spec!r}: use Flat, HNSW<M>, SQ8, HNSW<M>,SQ8, BFlat, BHNSW<M> or BIVF<nlist>"
@@ -749,6 +750,25 @@ class VectorIndex:
         self.device, self.scan = resolve_scan(self.spec, device, scan)
         self.directory = folder
         return self
+
+    @staticmethod
+    def saved_ids(directory: str | os.PathLike) -> np.ndarray:
+        """The live ids of the index saved in `directory`, read from its manifest and id map alone
+        (no FAISS load): a cheap check against the caller's records. Raises CorruptIndexError when
+        they cannot be read."""
+        folder = Path(directory)
+        m = _read_manifest(folder)
+        try:
+            ids = np.load(folder / m["files"]["ids"], allow_pickle=False)
+        except (KeyError, TypeError, ValueError, OSError, EOFError) as exc:
+            raise CorruptIndexError(
+                f"index at {folder} cannot be read ({type(exc).__name__}: {exc}); re-run `kvrag index`"
+            ) from exc
+        if ids.ndim != 1 or len(ids) != m.get("rows"):
+            raise CorruptIndexError(
+                f"index at {folder} is inconsistent with its manifest: re-run `kvrag index`"
+            )
+        return ids[ids >= 0].astype(np.int64, copy=False)
 
 
 def _read_manifest(folder: Path) -> dict:

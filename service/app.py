@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import errors
-from service.deps import require_api_key
-from service.limits import BodyLimitMiddleware
+from service.limits import (
+    LOOPBACK_NAMES,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    HostGuardMiddleware,
+    is_loopback,
+)
 from service.metrics import MetricsMiddleware
 from service.routers import chat, collections, embeddings, health
 from service.settings import Settings, get_settings
@@ -46,11 +51,32 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
     )
     app.state.kvrag = state
     errors.install(app)
-    auth = [Depends(require_api_key)]
-    app.include_router(embeddings.router, dependencies=auth)
-    app.include_router(collections.router, dependencies=auth)
-    app.include_router(chat.router, dependencies=auth)
+    app.include_router(embeddings.router)
+    app.include_router(collections.router)
+    app.include_router(chat.router)
     app.include_router(health.router)
+    # added innermost first: metrics see every answer, the host and key are checked before the body
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
+    hosts = allowed_hosts(settings)
+    if hosts is not None:
+        app.add_middleware(HostGuardMiddleware, allowed=hosts)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The `Host` names served, or None for any: KVRAG_ALLOWED_HOSTS when set (`*` for any), else the
+    loopback names when bound to loopback without an API key (the DNS rebinding case), else any."""
+    listed = {h.strip() for h in settings.allowed_hosts.split(",") if h.strip()}
+    if "*" in listed:
+        return None
+    local = is_loopback(settings.host)
+    if listed:
+        return frozenset(listed | (LOOPBACK_NAMES if local else set()))
+    if local and settings.api_key is None:
+        return LOOPBACK_NAMES
+    return None

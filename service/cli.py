@@ -275,6 +275,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         if not args.search_only:
             return _answer(settings, collection, args, flt)
         encoder = load_encoder(settings.encoder_config(collection.config.encoder))
+        _recover(collection, encoder)
         hits = collection.search(
             args.text, encoder, k=args.k, filter=flt, hybrid=args.hybrid, rescore=args.rescore
         )
@@ -293,6 +294,20 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(collection, encoder) -> None:
+    """Repair what an interrupted write left in the collection (see `index.job.recover`); say so."""
+    from index.job import recover
+
+    report = recover(collection, encoder)
+    if report["vectors_added"] or report["vectors_removed"] or report["bm25_rebuilt"]:
+        print(
+            f"collection {collection.name!r} was left half-written by an interrupted job; repaired: "
+            f"{report['vectors_added']} passages indexed, {report['vectors_removed']} stale vectors "
+            f"removed{', BM25 rebuilt' if report['bm25_rebuilt'] else ''}",
+            file=sys.stderr,
+        )
+
+
 def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) -> int:
     from rag.generation.generator import SamplingParams
     from rag.pipeline import RagAnswer
@@ -301,6 +316,7 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
     generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
+    _recover(collection, pipeline.encoder)
     if args.ape_temperature is not None:
         pipeline.ape_temperature = args.ape_temperature
     if args.ape_scale is not None:
@@ -503,23 +519,14 @@ def _run_trainer(train, cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
     from service.app import create_app
+    from service.limits import is_loopback
+    from service.server import guarded_h11
 
     settings = get_settings()
     host = args.host or settings.host
@@ -534,6 +541,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     # bm25s sets its own logger to DEBUG on import
     logging.getLogger("bm25s").setLevel(max(logging.WARNING, logging.getLogger().level))
+    settings = settings.model_copy(
+        update={"host": host, "port": port}
+    )  # the Host check needs the bind address
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -541,6 +551,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
         proxy_headers=False,
+        http=guarded_h11(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers
     )
     return 0
 

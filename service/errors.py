@@ -54,6 +54,13 @@ class LimitExceeded(ApiError):
         )
 
 
+class ClientGone(ApiError):
+    """The client closed the connection before its answer was ready (nginx's 499): nobody reads this."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request", code="client_closed")
+
+
 class Busy(ApiError):
     """Every model slot is taken and the queue is full (or the wait ran out)."""
 
@@ -88,15 +95,27 @@ def classify(exc: KvragError) -> tuple[int, str]:
     return 400, "invalid_request_error"
 
 
+def scrub(message: str, home) -> str:
+    """A message with the server's data directory named `$KVRAG_HOME`: clients need not know where
+    the server keeps its files (library messages name paths for the command line's sake)."""
+    home = str(home).rstrip("/")
+    return message.replace(home, "$KVRAG_HOME") if len(home) > 1 else message
+
+
+def _home(request: Request):
+    state = getattr(request.app.state, "kvrag", None)
+    return state.settings.root if state is not None else ""
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.code, exc.headers)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc.status, scrub(exc.message, _home(request)), exc.type, exc.code, exc.headers)
 
     @app.exception_handler(KvragError)
-    async def _library(_: Request, exc: KvragError):
+    async def _library(request: Request, exc: KvragError):
         status, type_ = classify(exc)
-        return error_response(status, str(exc), type_)
+        return error_response(status, scrub(str(exc), _home(request)), type_)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

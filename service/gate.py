@@ -3,12 +3,17 @@
 Encoding, search, generation and indexing hold a slot; everything else does not. A request that
 finds `max_queue` others already waiting, or waits longer than `timeout_s`, gets 503 with
 `Retry-After`, so an overloaded server sheds load instead of piling up requests.
+
+Every slot and collection lock remembers since when it is held, so `/readyz` can report a server
+whose model work has stopped moving (a slot or lock held far longer than any request takes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -16,15 +21,22 @@ from service.errors import Busy
 
 
 class ModelGate:
+    """Model work slots. `acquire` returns a ticket that `release` takes back exactly once."""
+
     def __init__(self, slots: int, max_queue: int, timeout_s: float):
         if slots < 1 or max_queue < 0 or timeout_s <= 0:
             raise ValueError("slots >= 1, max_queue >= 0 and timeout_s > 0 are required")
         self.slots, self.max_queue, self.timeout_s = slots, max_queue, timeout_s
         self._sem = asyncio.Semaphore(slots)
         self.waiting = 0
-        self.running = 0
         self.rejected = 0
         self._avg_s = 1.0  # moving average of slot hold time, for Retry-After
+        self._held: dict[int, float] = {}  # ticket -> monotonic time the slot was taken
+        self._tickets = itertools.count(1)
+
+    @property
+    def running(self) -> int:
+        return len(self._held)
 
     def _retry_after(self) -> int:
         return max(1, math.ceil(self._avg_s * (self.waiting + 1) / self.slots))
@@ -38,11 +50,14 @@ class ModelGate:
                 self._retry_after(),
             )
 
-    async def acquire(self) -> float:
+    async def acquire(self) -> int:
         self.check()
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._sem.acquire(), self.timeout_s)
+            # asyncio.timeout, not wait_for: a cancellation that races the acquisition cannot leak
+            # a permit (Semaphore.acquire gives it back when cancelled after being woken)
+            async with asyncio.timeout(self.timeout_s):
+                await self._sem.acquire()
         except TimeoutError:
             self.rejected += 1
             raise Busy(
@@ -50,18 +65,59 @@ class ModelGate:
             ) from None
         finally:
             self.waiting -= 1
-        self.running += 1
-        return time.perf_counter()
+        ticket = next(self._tickets)
+        self._held[ticket] = time.monotonic()
+        return ticket
 
-    def release(self, started: float) -> None:
-        self.running -= 1
-        self._avg_s = 0.8 * self._avg_s + 0.2 * (time.perf_counter() - started)
+    def release(self, ticket: int) -> None:
+        """Give a slot back; a ticket released twice is ignored (the slot is not freed twice)."""
+        started = self._held.pop(ticket, None)
+        if started is None:
+            return
+        self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - started)
         self._sem.release()
+
+    def oldest_hold_s(self) -> float:
+        """How long the longest-held slot has been held (0 when none is)."""
+        now = time.monotonic()
+        return max((now - t for t in list(self._held.values())), default=0.0)
 
     @asynccontextmanager
     async def slot(self):
-        started = await self.acquire()
+        ticket = await self.acquire()
         try:
             yield
         finally:
-            self.release(started)
+            self.release(ticket)
+
+
+class TrackedLock:
+    """A `threading.Lock` that remembers since when it is held (for `/readyz`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        ok = self._lock.acquire(blocking, timeout)
+        if ok:
+            self.since = time.monotonic()
+        return ok
+
+    def release(self) -> None:
+        self.since = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def held_s(self) -> float:
+        since = self.since
+        return time.monotonic() - since if since is not None else 0.0
+
+    def __enter__(self) -> TrackedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

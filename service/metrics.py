@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -93,8 +94,18 @@ class _StateCollector:
         yield r
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def status_label(code: int) -> str:
+    """A status code as a label: the code for the ones HTTP defines, `other` past them."""
+    return str(code) if 100 <= code <= 599 else "other"
+
+
 class MetricsMiddleware:
-    """Times every request, labelled by route template (not raw path: bounded label values)."""
+    """Times every request. Labels take bounded values only, whatever clients send: the route
+    template (`unmatched` when no route matched), the method when it is a standard one (else
+    `OTHER`), the status code."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -115,7 +126,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, _send)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], path, str(status["code"])).observe(
+            # a route's template is one of the app's own (never the raw path a client sent)
+            path = route.path if isinstance(route, BaseRoute) else "unmatched"
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            self.metrics.requests.labels(method, path, status_label(status["code"])).observe(
                 time.perf_counter() - t0
             )

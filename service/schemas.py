@@ -26,9 +26,16 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-def _check_values(value: Any) -> None:
+MAX_DEPTH = 32  # nesting of arrays and objects in a request body
+
+
+def _check_values(value: Any, depth: int = 0) -> None:
     """Python's JSON parser lets through what the models, tokenizers and SQLite's JSON cannot take:
-    lone surrogates (an escaped half of a UTF-16 pair) in strings, and NaN or Infinity."""
+    lone surrogates (an escaped half of a UTF-16 pair) in strings, NaN or Infinity, and nesting so
+    deep that storing or answering it would exhaust the recursion limit (metadata is stored and
+    sent back as JSON)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -39,11 +46,11 @@ def _check_values(value: Any) -> None:
             raise ValueError("NaN and Infinity are not JSON numbers")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_values(k)
-            _check_values(v)
+            _check_values(k, depth + 1)
+            _check_values(v, depth + 1)
     elif isinstance(value, list):
         for v in value:
-            _check_values(v)
+            _check_values(v, depth + 1)
 
 
 class _Request(BaseModel):
@@ -160,6 +167,7 @@ class UpsertResult(BaseModel):
     passages_removed: int
     documents: int
     passages: int
+    repaired: int = Field(0, description="index entries fixed that an interrupted earlier write left behind")
     kv_computed: int
     kv_present: int
     seconds: float
@@ -285,6 +293,14 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "degraded", "loading"]
+    status: Literal["ready", "degraded", "loading", "wedged"]
     models: dict[str, str]
     kv_store: dict[str, Any]
+    model_slots: dict[str, Any] = Field(default_factory=dict)
+    stuck: dict[str, Any] = Field(
+        default_factory=dict, description="slots and collection locks held past KVRAG_WEDGED_AFTER_S"
+    )
+    recovered: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what opening each collection repaired after an interrupted write (by name)",
+    )

@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     max_concurrency: int = 1  # model work (encoding, search, generation, indexing) at once
     max_queue: int = 64  # requests waiting for a model slot; more are answered 503
     queue_timeout_s: float = 60.0  # longest wait for a model slot before 503
+    # /readyz reports the server wedged when a model slot or a collection lock is held this long
+    wedged_after_s: float = 900.0
+    # Connections (kvrag serve): slow or idle clients cannot hold the server.
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this, from its first byte
+    body_timeout_s: float = 30.0  # and its body within this
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    max_connections: int = 256  # open connections and requests in progress; past it new ones get 503
+    # Host names served (comma-separated; `*`: any). Default: any, except when bound to loopback
+    # without an API key, where only loopback names are (DNS rebinding).
+    allowed_hosts: str = ""
 
     @property
     def root(self) -> Path:

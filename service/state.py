@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from encoders.encoder import Encoder, load_encoder
@@ -10,15 +14,58 @@ from encoders.errors import CollectionNotFoundError, InvalidInputError
 from index.collection import Collection, validate_name
 from rag.generation.generator import Generator
 from rag.kvcache.manager import KVCacheManager
-from service.gate import ModelGate
+from service.errors import ClientGone
+from service.gate import ModelGate, TrackedLock
 from service.metrics import Metrics
 from service.runtime import open_generator, open_kv
 from service.settings import Settings
 
+log = logging.getLogger("kvrag.service")
+
+
+class _Entry:
+    """An open collection and how many requests hold it; closed once retired and released by all."""
+
+    def __init__(self, collection: Collection, stamp: int):
+        self.collection, self.stamp = collection, stamp
+        self.refs = 0
+        self.retired = False
+        self.deleted = False
+        self.checked = False  # repaired (or found consistent) since it was opened
+
+
+class Lease:
+    """A request's hold on an open collection: the collection stays open (not closed under the
+    request by a delete or a reload) until `release`, which may be called more than once."""
+
+    def __init__(self, state: AppState, name: str, entry: _Entry):
+        self._state, self.name, self._entry = state, name, entry
+        self._released = False
+
+    @property
+    def collection(self) -> Collection:
+        return self._entry.collection
+
+    @property
+    def deleted(self) -> bool:
+        return self._entry.deleted
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._state._unref(self._entry)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 class AppState:
     """Long-lived objects of one app. Collections are opened on first use and kept open; each has a
-    lock so an upsert never runs while its index is searched."""
+    lock so an upsert never runs while its index is searched, and a reference count so a delete or a
+    reload never closes it under a request that holds it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -28,10 +75,10 @@ class AppState:
         self.generator: Generator | None = None
         self.kv: KVCacheManager | None = None
         self.ready = False
-        self._collections: dict[str, Collection] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._locks: dict[str, TrackedLock] = {}
         self._registry_lock = threading.Lock()
-        self._stamps: dict[str, int] = {}
+        self.recovered: dict[str, dict] = {}  # what opening a collection repaired, by name
 
     # -- lifecycle ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -41,14 +88,25 @@ class AppState:
         self.generator = open_generator(s)
         self.kv = open_kv(s, self.generator)
         self.kv.prefix()
+        self.recover_all()
         self.ready = True
+
+    def recover_all(self) -> None:
+        """Open every collection once and repair what an interrupted write (a crash, `kill -9`)
+        left behind, before the first request: every stored document is searchable again."""
+        for name in Collection.list(self.home):
+            try:
+                with self.lease(name) as lease, self.locked(lease):
+                    pass
+            except Exception:  # one unreadable collection must not keep the others from serving
+                log.exception("collection %r could not be checked on start", name)
 
     def close(self) -> None:
         self.ready = False
         with self._registry_lock:
-            for c in self._collections.values():
-                c.close()
-            self._collections.clear()
+            for e in self._entries.values():
+                e.collection.close()
+            self._entries.clear()
         if self.kv is not None:
             self.kv.store.close()
 
@@ -81,40 +139,114 @@ class AppState:
         except OSError:
             return 0
 
-    def collection(self, name: str) -> Collection:
-        """The open collection; reopened when its index was saved by another process (an indexing job)
-        since it was opened, so searches never run on a stale index."""
+    def lease(self, name: str) -> Lease:
+        """Hold the open collection `name` (see `Lease`). It is reopened when its index was saved by
+        another process (an indexing job) since it was opened, so searches never run on a stale index;
+        the old one closes when its last holder lets go."""
         validate_name(name)
         with self._registry_lock:
             stamp = self._stamp(name)
-            current = self._collections.get(name)
-            if current is not None and self._stamps.get(name) != stamp:
-                current = None  # not closed: a request may still use it; its connection closes when freed
-            if current is None:
-                current = self._collections[name] = Collection.open(
-                    self.home, name, device=self.settings.device
-                )
-                self._stamps[name] = stamp
-                self._locks.setdefault(name, threading.Lock())
-            return current
+            entry = self._entries.get(name)
+            if entry is not None and entry.stamp != stamp:
+                self._retire(name)
+                entry = None
+            if entry is None:
+                entry = _Entry(Collection.open(self.home, name, device=self.settings.device), stamp)
+                self._entries[name] = entry
+                self._locks.setdefault(name, TrackedLock())
+            entry.refs += 1
+            return Lease(self, name, entry)
 
-    def lock(self, name: str) -> threading.Lock:
+    def _retire(self, name: str) -> None:
+        """Take an entry out of the registry (registry lock held); it closes when unreferenced."""
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.refs == 0:
+            entry.collection.close()
+
+    def _unref(self, entry: _Entry) -> None:
         with self._registry_lock:
-            return self._locks.setdefault(name, threading.Lock())
+            entry.refs -= 1
+            if entry.retired and entry.refs == 0:
+                entry.collection.close()
+
+    def lock(self, name: str) -> TrackedLock:
+        with self._registry_lock:
+            return self._locks.setdefault(name, TrackedLock())
+
+    @contextmanager
+    def locked(self, lease: Lease, stop: threading.Event | None = None) -> Iterator[Collection]:
+        """The collection under its lock, for work in a worker thread. While waiting for the lock,
+        a set `stop` (the client went away) ends the wait; a collection deleted while the request
+        waited is reported as not found."""
+        lock = self.lock(lease.name)
+        while not lock.acquire(timeout=0.1):
+            if stop is not None and stop.is_set():
+                raise ClientGone()
+        try:
+            if lease.deleted:
+                raise CollectionNotFoundError(
+                    f"collection {lease.name!r} was deleted while this request waited for it"
+                )
+            self._recover(lease)
+            yield lease.collection
+        finally:
+            lock.release()
+
+    def _recover(self, lease: Lease) -> None:
+        """Repair what a crash during a write left behind, once per opening (lock held)."""
+        entry = lease._entry
+        if entry.checked:
+            return
+        from index.job import recover
+
+        c = entry.collection
+        report = recover(c, self.encoder(c.config.encoder))
+        if report.get("skipped"):  # another process is writing it: it repairs at its own end
+            return
+        entry.checked = True
+        if report["vectors_added"] or report["vectors_removed"] or report["bm25_rebuilt"]:
+            log.warning("collection %r repaired on open: %s", lease.name, report)
+            self.recovered[lease.name] = report
 
     def add_collection(self, collection: Collection) -> None:
         with self._registry_lock:
-            self._collections[collection.name] = collection
-            self._stamps[collection.name] = self._stamp(collection.name)
-            self._locks.setdefault(collection.name, threading.Lock())
+            self._retire(collection.name)
+            entry = _Entry(collection, self._stamp(collection.name))
+            entry.checked = True  # new: nothing to repair
+            self._entries[collection.name] = entry
+            self._locks.setdefault(collection.name, TrackedLock())
 
     def drop_collection(self, name: str) -> None:
+        """Delete a collection. Runs under its lock, so no request is inside it; requests that hold
+        it or wait for it then answer 404."""
         validate_name(name)
         with self.lock(name):
+            # the registry lock too: no request opens the collection while its folder is renamed
             with self._registry_lock:
-                c = self._collections.pop(name, None)
-            if c is not None:
-                c.close()
-            if name not in Collection.list(self.home):
-                raise CollectionNotFoundError(f"no collection {name!r}")
-            Collection.delete(self.home, name)
+                entry = self._entries.get(name)
+                if entry is not None:
+                    entry.deleted = True
+                    self._retire(name)
+                if name not in Collection.list(self.home):
+                    raise CollectionNotFoundError(f"no collection {name!r}")
+                trash = Collection.detach(self.home, name)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # -- health ---------------------------------------------------------------------------------
+    def stuck(self) -> dict:
+        """Slots and collection locks held longer than `wedged_after_s`: model work that stopped
+        moving. Empty when all is well."""
+        limit = self.settings.wedged_after_s
+        out: dict = {}
+        held = self.gate.oldest_hold_s()
+        if held > limit:
+            out["model_slot_held_s"] = round(held, 1)
+        with self._registry_lock:
+            locks = dict(self._locks)
+        long = {n: round(lk.held_s(), 1) for n, lk in locks.items() if lk.held_s() > limit}
+        if long:
+            out["collection_locks_held_s"] = long
+        return out

@@ -592,7 +592,8 @@ class Generator:
         if sp.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
             cum = torch.cumsum(sorted_p, -1)
-            keep = cum - sorted_p < sp.top_p  # always keeps the most likely token
+            keep = cum - sorted_p < sp.top_p
+            keep[0] = True  # the most likely token, even for a top_p below float32's smallest value
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen).item())

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
-import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from encoders.errors import KvragError
+from index.collection import Collection
 from rag.generation.generator import SamplingParams, TokenEvent
 from rag.pipeline import RagAnswer, RagPipeline
 from service.deps import State
-from service.errors import ApiError, LimitExceeded, classify
+from service.errors import ApiError, ClientGone, LimitExceeded, classify, scrub
 from service.routers.collections import check_k, check_query
 from service.schemas import (
     AssistantMessage,
@@ -33,6 +34,7 @@ from service.schemas import (
     Usage,
 )
 from service.state import AppState
+from service.work import model_work, run_model_work
 
 router = APIRouter(tags=["chat"])
 log = logging.getLogger("kvrag.service")
@@ -45,22 +47,21 @@ def _question(body: ChatRequest) -> str:
             if isinstance(m.content, str):
                 return m.content
             if isinstance(m.content, list):
-                parts = [
-                    p.get("text", "") for p in m.content if isinstance(p, dict) and p.get("type") == "text"
-                ]
+                parts = []
+                for p in m.content:
+                    if isinstance(p, dict) and p.get("type") == "text":
+                        if not isinstance(p.get("text"), str):
+                            raise ApiError(422, "a text content part needs a string `text`")
+                        parts.append(p["text"])
                 if parts:
                     return "\n".join(parts)
             raise ApiError(422, "the last user message has no text content")
     raise ApiError(422, "messages has no user message: the last user message is the question")
 
 
-def _pipeline(state: AppState, body: ChatRequest) -> tuple[RagPipeline, str]:
-    name = body.collection or state.settings.default_collection
-    if not name:
-        raise ApiError(422, "collection is required (or set KVRAG_DEFAULT_COLLECTION on the server)")
-    c = state.collection(name)
+def _pipeline(state: AppState, c: Collection) -> RagPipeline:
     s = state.settings
-    pipe = RagPipeline(
+    return RagPipeline(
         c,
         state.encoder(c.config.encoder),
         state.generator,
@@ -69,7 +70,6 @@ def _pipeline(state: AppState, body: ChatRequest) -> tuple[RagPipeline, str]:
         ape_scale=s.ape_scale,
         blend_ratio=s.blend_ratio,
     )
-    return pipe, name
 
 
 def _sampling(state: AppState, body: ChatRequest) -> SamplingParams:
@@ -99,13 +99,33 @@ def _extension(answer: RagAnswer, collection: str) -> dict:
     return {"collection": collection, "mode": answer.mode, "timings": answer.timings, "kv": answer.kv}
 
 
+def _answer_events(state: AppState, name: str, question: str, kwargs: dict):
+    """`produce` for `model_work`: the pipeline's token events and answer, holding the collection
+    and its lock in the worker, stopping between tokens once the client is gone."""
+
+    def produce(stop: threading.Event) -> Iterator[TokenEvent | RagAnswer]:
+        with state.lease(name) as lease, state.locked(lease, stop) as c:
+            it = _pipeline(state, c).stream(question, **kwargs)
+            try:
+                for item in it:
+                    if stop.is_set():
+                        return
+                    yield item
+            finally:
+                it.close()
+
+    return produce
+
+
 @router.post("/v1/chat/completions", response_model=ChatResponse)
-async def chat_completions(body: ChatRequest, state: State):
+async def chat_completions(body: ChatRequest, state: State, request: Request):
     question = _question(body)
     check_query(state, question, "the question")
     check_k(state, body.k)
     sampling = _sampling(state, body)
-    pipe, name = _pipeline(state, body)
+    name = body.collection or state.settings.default_collection
+    if not name:
+        raise ApiError(422, "collection is required (or set KVRAG_DEFAULT_COLLECTION on the server)")
     model = state.generator.spec
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -118,13 +138,12 @@ async def chat_completions(body: ChatRequest, state: State):
     }
 
     if not body.stream:
-
-        def work() -> RagAnswer:
-            with state.lock(name):
-                return pipe.answer(question, **kwargs)
-
-        async with state.gate.slot():
-            answer = await run_in_threadpool(work)
+        items = await run_model_work(
+            state.gate, _answer_events(state, name, question, kwargs), receive=request.receive
+        )
+        answer = items[-1] if items else None
+        if not isinstance(answer, RagAnswer):
+            raise ClientGone()
         state.metrics.observe_answer(answer.mode, answer.timings, answer.usage["completion_tokens"])
         usage = answer.usage
         return ChatResponse(
@@ -143,15 +162,13 @@ async def chat_completions(body: ChatRequest, state: State):
             kvrag=_extension(answer, name),
         )
 
-    # Streaming: a full queue or a bad filter is still a plain 503 or 422 before the 200 goes out.
+    # Streaming: a full queue, a missing collection or a bad filter is still a plain 503, 404 or 422
+    # before the 200 goes out.
     state.gate.check()
-    if body.filter:
-
-        def check_filter() -> None:
-            with state.lock(name):
-                pipe.collection.store.filter_ids(body.filter)
-
-        await run_in_threadpool(check_filter)
+    with state.lease(name) as lease:
+        c = lease.collection
+        if body.filter:
+            await run_in_threadpool(c.store.filter_ids, body.filter)
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         payload = {
@@ -165,21 +182,11 @@ async def chat_completions(body: ChatRequest, state: State):
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        lock = state.lock(name)
-        it = None
-        locked = False
-        started = None
+        # Starlette cancels this generator when the client disconnects: `model_work` then stops the
+        # worker and gives the slot and the collection back from it; nothing here awaits cleanup.
         try:
-            started = await state.gate.acquire()
-            await anyio.to_thread.run_sync(lock.acquire)
-            locked = True
-            it = pipe.stream(question, **kwargs)
             yield chunk({"role": "assistant", "content": ""})
-            done = object()
-            while True:
-                item = await anyio.to_thread.run_sync(next, it, done)
-                if item is done:
-                    break
+            async for item in model_work(state.gate, _answer_events(state, name, question, kwargs)):
                 if isinstance(item, TokenEvent):
                     if item.text:
                         yield chunk({"content": item.text})
@@ -206,14 +213,8 @@ async def chat_completions(body: ChatRequest, state: State):
             else:
                 message, type_ = "internal server error", "server_error"
                 log.exception("error while streaming an answer")
+            message = scrub(message, state.home)
             yield f"data: {json.dumps({'error': {'message': message, 'type': type_}})}\n\n"
-        finally:
-            if it is not None:
-                await anyio.to_thread.run_sync(it.close)
-            if locked:
-                lock.release()
-            if started is not None:
-                state.gate.release(started)
 
     return StreamingResponse(
         events(),

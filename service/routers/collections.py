@@ -11,6 +11,7 @@ from encoders.errors import CollectionNotFoundError
 from index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, validate_name
 from index.hybrid import BM25Index
 from index.job import Document, index_documents
+from index.store import check_metadata
 from index.vector import parse_spec
 from service.deps import State
 from service.errors import ApiError, LimitExceeded
@@ -27,6 +28,7 @@ from service.schemas import (
     UpsertResult,
 )
 from service.state import AppState
+from service.work import run_model_work
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"])
 _SPEC_OF = {"float32": "Flat", "int8": "SQ8", "ubinary": "BFlat"}
@@ -50,7 +52,14 @@ def info(c: Collection) -> CollectionInfo:
 
 @router.get("", response_model=CollectionList)
 async def list_collections(state: State) -> CollectionList:
-    return CollectionList(data=[info(state.collection(n)) for n in Collection.list(state.home)])
+    data = []
+    for n in Collection.list(state.home):
+        try:
+            with state.lease(n) as lease:
+                data.append(info(lease.collection))
+        except CollectionNotFoundError:  # deleted since it was listed
+            continue
+    return CollectionList(data=data)
 
 
 @router.post("", response_model=CollectionInfo, status_code=201)
@@ -83,9 +92,11 @@ async def create_collection(body: CollectionCreate, state: State) -> CollectionI
         bm25_language=body.bm25_language,
     )
     with state.lock(body.name):
+        if body.name in Collection.list(state.home):  # created meanwhile by another request
+            raise ApiError(409, f"collection {body.name!r} already exists", code="conflict")
         c = Collection.create(state.home, body.name, config, device=state.settings.device)
         state.add_collection(c)
-    return info(c)
+        return info(c)
 
 
 def _check_bm25_language(language: str | None) -> None:
@@ -104,7 +115,9 @@ def _check_bm25_language(language: str | None) -> None:
 
 @router.get("/{name}", response_model=CollectionInfo)
 async def get_collection(name: str, state: State) -> CollectionInfo:
-    return info(state.collection(name))
+    with state.lease(name) as lease:
+        c = lease.collection
+        return info(c)
 
 
 @router.delete("/{name}", status_code=204)
@@ -114,6 +127,7 @@ async def delete_collection(name: str, state: State) -> Response:
 
 
 def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResult:
+    """Index the documents (collection lock held by the caller)."""
     t0 = time.perf_counter()
     encoder = state.encoder(c.config.encoder)
     docs = [
@@ -128,14 +142,13 @@ def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResu
         )
         for d in body.documents
     ]
-    with state.lock(c.name):
-        report = index_documents(c, iter(docs), encoder)
-        kv = {"kv_computed": 0, "kv_present": 0}
-        if body.kv and state.kv is not None and state.generator is not None:
-            pids = [p for d in body.documents for p in (c.store.get_document(d.id) or {}).get("passages", [])]
-            rows = c.store.passages(pids)
-            out = state.kv.ensure([state.generator.passage_ids(r.text, r.doc_title) for r in rows])
-            kv = {"kv_computed": out["kv_computed"], "kv_present": out["kv_present"]}
+    report = index_documents(c, iter(docs), encoder)
+    kv = {"kv_computed": 0, "kv_present": 0}
+    if body.kv and state.kv is not None and state.generator is not None:
+        pids = [p for d in body.documents for p in (c.store.get_document(d.id) or {}).get("passages", [])]
+        rows = c.store.passages(pids)
+        out = state.kv.ensure([state.generator.passage_ids(r.text, r.doc_title) for r in rows])
+        kv = {"kv_computed": out["kv_computed"], "kv_present": out["kv_present"]}
     return UpsertResult(
         collection=c.name,
         added=report.added,
@@ -146,6 +159,7 @@ def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResu
         passages_removed=report.passages_removed,
         documents=report.documents,
         passages=report.passages,
+        repaired=report.repaired,
         seconds=round(time.perf_counter() - t0, 3),
         **kv,
     )
@@ -154,13 +168,15 @@ def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResu
 @router.post("/{name}/documents", response_model=UpsertResult)
 async def upsert_documents(name: str, body: DocumentsUpsert, state: State) -> UpsertResult:
     s = state.settings
-    c = state.collection(name)
+    with state.lease(name):  # 404 before anything else
+        pass
     if len(body.documents) > s.max_inputs:
         raise LimitExceeded("the number of documents", len(body.documents), s.max_inputs, "max_inputs")
     ids = [d.id for d in body.documents]
     if len(set(ids)) != len(ids):
         raise ApiError(422, "document ids repeat within the request: each id must appear once")
     for d in body.documents:
+        check_metadata(d.id, d.metadata)  # all checked before any is written
         if len(d.text) > s.max_document_chars:
             raise LimitExceeded(
                 f"document {d.id!r} length in characters",
@@ -168,17 +184,25 @@ async def upsert_documents(name: str, body: DocumentsUpsert, state: State) -> Up
                 s.max_document_chars,
                 "max_document_chars",
             )
-    async with state.gate.slot():
-        return await run_in_threadpool(_upsert, state, c, body)
+
+    def produce(stop):
+        # an upsert runs to the end even when its client hangs up: nothing half-done
+        with state.lease(name) as lease, state.locked(lease) as c:
+            yield _upsert(state, c, body)
+
+    (result,) = await run_model_work(state.gate, produce)
+    return result
 
 
-@router.get("/{name}/documents/{doc_id}", response_model=DocumentOut)
+# `:path`: document ids may hold '/' (file paths); clients send them URL-encoded (%2F) or as is
+@router.get("/{name}/documents/{doc_id:path}", response_model=DocumentOut)
 async def get_document(name: str, doc_id: str, state: State) -> DocumentOut:
-    c = state.collection(name)
-    doc = c.store.get_document(doc_id)
-    if doc is None:
-        raise CollectionNotFoundError(f"no document {doc_id!r} in collection {name!r}")
-    rows = c.store.passages(doc["passages"])
+    with state.lease(name) as lease:
+        c = lease.collection
+        doc = c.store.get_document(doc_id)
+        if doc is None:
+            raise CollectionNotFoundError(f"no document {doc_id!r} in collection {name!r}")
+        rows = c.store.passages(doc["passages"])
     return DocumentOut(
         id=doc["id"],
         title=doc["title"],
@@ -194,8 +218,8 @@ async def get_document(name: str, doc_id: str, state: State) -> DocumentOut:
     )
 
 
-def _delete_document(state: AppState, c: Collection, doc_id: str) -> None:
-    with state.lock(c.name):
+def _delete_document(state: AppState, name: str, doc_id: str) -> None:
+    with state.lease(name) as lease, state.locked(lease) as c:
         if c.store.get_document(doc_id) is None:
             raise CollectionNotFoundError(f"no document {doc_id!r} in collection {c.name!r}")
         removed = c.store.delete_documents([doc_id])
@@ -205,10 +229,9 @@ def _delete_document(state: AppState, c: Collection, doc_id: str) -> None:
         c.commit()
 
 
-@router.delete("/{name}/documents/{doc_id}", status_code=204)
+@router.delete("/{name}/documents/{doc_id:path}", status_code=204)
 async def delete_document(name: str, doc_id: str, state: State) -> Response:
-    c = state.collection(name)
-    await run_in_threadpool(_delete_document, state, c, doc_id)
+    await run_in_threadpool(_delete_document, state, name, doc_id)
     return Response(status_code=204)
 
 
@@ -232,20 +255,22 @@ def check_query(state: AppState, text: str, what: str = "the query") -> None:
 
 @router.post("/{name}/search", response_model=SearchResponse)
 async def search(name: str, body: SearchRequest, state: State) -> SearchResponse:
-    c = state.collection(name)
+    with state.lease(name) as lease:
+        c = lease.collection
+        config = c.config
     check_k(state, body.k)
     check_query(state, body.query)
-    have = parse_spec(c.config.spec).precision
+    have = parse_spec(config.spec).precision
     if body.precision is not None and body.precision != have:
         raise ApiError(
             422,
-            f"collection {name!r} stores {have} vectors (spec {c.config.spec}); precision is fixed when a "
+            f"collection {name!r} stores {have} vectors (spec {config.spec}); precision is fixed when a "
             "collection is created: create another collection for another precision",
         )
-    encoder = state.encoder(c.config.encoder)
+    encoder = state.encoder(config.encoder)
 
-    def work():
-        with state.lock(name):
+    def produce(stop):
+        with state.lease(name) as lease, state.locked(lease, stop) as c:
             t0 = time.perf_counter()
             hits = c.search(
                 body.query, encoder, k=body.k, filter=body.filter, hybrid=body.hybrid, rescore=body.rescore
@@ -253,10 +278,9 @@ async def search(name: str, body: SearchRequest, state: State) -> SearchResponse
             ms = (time.perf_counter() - t0) * 1000
             # a hit's metadata: its document's, overridden by the passage's own (as filters match them)
             docs = {h.doc_id: (c.store.get_document(h.doc_id) or {}).get("metadata") or {} for h in hits}
-            return hits, docs, ms
+            yield hits, docs, ms
 
-    async with state.gate.slot():
-        hits, doc_meta, ms = await run_in_threadpool(work)
+    (hits, doc_meta, ms) = (await run_model_work(state.gate, produce))[0]
     return SearchResponse(
         collection=name,
         query=body.query,

@@ -6,11 +6,11 @@ import base64
 
 import numpy as np
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import State
 from service.errors import ApiError, LimitExceeded
 from service.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, EmbeddingUsage
+from service.work import run_model_work
 
 router = APIRouter(tags=["embeddings"])
 
@@ -49,12 +49,10 @@ async def create_embeddings(body: EmbeddingsRequest, state: State) -> Embeddings
     if body.precision == "ubinary" and dim % 8:
         raise ApiError(422, f"ubinary needs dimensions divisible by 8, got {dim}")
 
-    def work():
-        vecs = encoder.encode(texts, kind=body.input_type, dim=dim)
-        return vecs, sum(encoder.count_tokens(texts))
+    def produce(stop):
+        yield encoder.encode(texts, kind=body.input_type, dim=dim), sum(encoder.count_tokens(texts))
 
-    async with state.gate.slot():
-        vecs, tokens = await run_in_threadpool(work)
+    ((vecs, tokens),) = await run_model_work(state.gate, produce)
     state.metrics.embedded.inc(len(texts))
     codes = to_precision(vecs, body.precision)
     items = []

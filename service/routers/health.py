@@ -1,4 +1,5 @@
-"""GET /healthz (process up), /readyz (models loaded, KV store reachable), /metrics (Prometheus)."""
+"""GET /healthz (process up), /readyz (models loaded, model work moving, KV store reachable),
+/metrics (Prometheus; behind the API key when one is set)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ async def readyz(request: Request):
     store = state.kv.store
     reachable = await run_in_threadpool(store.ping)
     stats = store.stats()
+    stuck = state.stuck()
     body = Readiness(
         # A KV store that cannot be reached only costs speed (caches are recomputed): still ready.
-        status="ready" if reachable else "degraded",
+        # A model slot or collection lock held past KVRAG_WEDGED_AFTER_S: model work has stopped.
+        status="wedged" if stuck else "ready" if reachable else "degraded",
         models={"encoder": state.settings.encoder, "generator": state.generator.spec},
         kv_store={
             "url": redact_url(store.url),
@@ -36,10 +39,22 @@ async def readyz(request: Request):
             "errors": stats.get("errors", 0),
             "codec": state.kv.codec,
         },
+        model_slots={
+            "slots": state.gate.slots,
+            "running": state.gate.running,
+            "waiting": state.gate.waiting,
+            "oldest_hold_s": round(state.gate.oldest_hold_s(), 3),
+        },
+        stuck=stuck,
+        recovered=state.recovered,
     )
+    if stuck:
+        return JSONResponse(body.model_dump(), status_code=503)
     return body
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.kvrag.metrics.render(), media_type="text/plain; version=0.0.4")
+    # rendered in a worker thread: a scrape never holds up the event loop
+    body = await run_in_threadpool(request.app.state.kvrag.metrics.render)
+    return Response(body, media_type="text/plain; version=0.0.4")

@@ -10,7 +10,8 @@ import pytest
 
 from encoders.errors import InvalidInputError
 from index.collection import Collection, CollectionConfig
-from index.job import Document, index_documents, index_paths, read_jsonl, repair
+from index.hybrid import BM25Index
+from index.job import Document, index_documents, index_paths, read_jsonl, recover, repair
 from index.vector import VectorIndex
 
 EN = (
@@ -589,3 +590,140 @@ def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
     # An existing collection keeps its own encoder: the default is not switched for it.
     Collection.create(settings.root, "src", CollectionConfig(encoder="text-enc")).close()
     assert _default_index_encoder(settings, "src", [str(code)]) == "text-enc"
+
+
+# -- recover -------------------------------------------------------------------------------------
+
+
+class NoEncoder:
+    """An encoder that must not be called: recover on a consistent collection embeds nothing."""
+
+    def __init__(self, like):
+        self.name, self.dim, self.max_tokens = like.name, like.dim, like.max_tokens
+
+    def encode(self, *args, **kwargs):
+        raise AssertionError("the encoder was called")
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file and folder under `folder` with its mtime (ns)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+
+
+def crash_after_store(coll: Collection, doc_id: str, text: str) -> list[int]:
+    """What a writer killed right after committing one document to SQLite leaves: its passages
+    stored, the saved indexes as they were."""
+    _, added = coll.store.replace_document(
+        {"id": doc_id, "source": None, "title": None, "content_hash": doc_id},
+        [{"text": text, "start": 0, "end": len(text), "kind": "text", "lang": "en", "content_hash": doc_id}],
+    )
+    return added
+
+
+def test_recover_on_a_consistent_collection_does_nothing(coll, src, tiny_encoder, tmp_path):
+    index_paths(coll, [src], tiny_encoder)
+    coll.close()
+    before = snapshot(coll.folder)
+    reopened = Collection.open(tmp_path, "c")
+    try:
+        report = recover(reopened, NoEncoder(tiny_encoder))
+        assert report == {"vectors_added": 0, "vectors_removed": 0, "bm25_rebuilt": False, "skipped": False}
+        assert reopened._index is None and reopened._bm25 is None  # checked from the id maps alone
+    finally:
+        reopened.close()
+    after = snapshot(coll.folder)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    # only SQLite's own files (and so the folder) may change, as any open and close does
+    assert changed <= {".", "passages.sqlite-shm", "passages.sqlite-wal"}, changed
+
+
+def test_recover_on_an_empty_collection_does_nothing(tmp_path, tiny_encoder):
+    c = Collection.create(tmp_path, "empty", CollectionConfig(encoder=tiny_encoder.name))
+    try:
+        assert not any(recover(c, NoEncoder(tiny_encoder)).values())
+        assert not (c.folder / "vectors").exists() and not (c.folder / "bm25").exists()
+    finally:
+        c.close()
+
+
+def test_recover_embeds_passages_a_killed_job_stored(coll, src, tiny_encoder, tmp_path):
+    index_paths(coll, [src], tiny_encoder)
+    added = crash_after_store(coll, "late", "A zorblaxian lantern glows under the bridge.")
+    gone = coll.store.delete_documents(["j1"])  # deleted, but its vectors were never saved away
+    coll.close()
+    reopened = Collection.open(tmp_path, "c")
+    try:
+        report = recover(reopened, tiny_encoder)
+        assert report == {
+            "vectors_added": len(added),
+            "vectors_removed": len(gone),
+            "bm25_rebuilt": True,
+            "skipped": False,
+        }
+        stored = reopened.store.passage_ids()
+        assert live_ids(reopened) == stored
+        assert sorted(VectorIndex.saved_ids(reopened.folder / "vectors").tolist()) == stored  # committed
+        assert sorted(reopened.bm25.ids.tolist()) == stored
+        hits = reopened.search("zorblaxian", tiny_encoder, k=3, hybrid=True)
+        assert hits[0].doc_id == "late"
+        assert not any(recover(reopened, NoEncoder(tiny_encoder)).values())  # idempotent
+    finally:
+        reopened.close()
+
+
+def test_recover_rebuilds_a_stale_bm25(coll, src, tiny_encoder, tmp_path):
+    """A kill after the vector save and before the BM25 rebuild: vectors current, BM25 behind."""
+    index_paths(coll, [src], tiny_encoder)
+    added = crash_after_store(coll, "late", "A zorblaxian lantern glows under the bridge.")
+    coll.index.add(np.array(added), tiny_encoder.encode(["A zorblaxian lantern glows under the bridge."]))
+    coll.index.save(coll.folder / "vectors")
+    coll.close()
+    vectors_before = snapshot(coll.folder / "vectors")
+    reopened = Collection.open(tmp_path, "c")
+    try:
+        report = recover(reopened, NoEncoder(tiny_encoder))
+        assert report == {"vectors_added": 0, "vectors_removed": 0, "bm25_rebuilt": True, "skipped": False}
+        assert snapshot(coll.folder / "vectors") == vectors_before  # only BM25 was written
+        stored = reopened.store.passage_ids()
+        assert sorted(reopened.bm25.ids.tolist()) == stored
+        assert sorted(BM25Index.load(reopened.folder / "bm25").ids.tolist()) == stored
+        assert reopened.search("zorblaxian", tiny_encoder, k=3, hybrid=True)[0].doc_id == "late"
+    finally:
+        reopened.close()
+
+
+def test_recover_stands_back_while_another_writer_holds_the_collection(coll, src, tiny_encoder, tmp_path):
+    index_paths(coll, [src], tiny_encoder)
+    crash_after_store(coll, "late", "Stored while a job is still running.")
+    other = Collection.open(tmp_path, "c")
+    try:
+        with coll.writing():  # a running job
+            before = snapshot(coll.folder)
+            assert recover(other, tiny_encoder)["skipped"] is True
+            assert snapshot(coll.folder) == before
+        report = recover(other, tiny_encoder)  # the writer is gone (as after kill -9: the lock goes with it)
+        assert (report["vectors_added"], report["skipped"]) == (1, False)
+    finally:
+        other.close()
+
+
+def test_recover_calibrates_a_new_index_as_the_job_would(tmp_path, tiny_encoder, monkeypatch):
+    """A first run killed before any save leaves no index: the one recover builds is calibrated on
+    pseudo-queries of its first passages, as the job's first batch would have been."""
+    calls = []
+    real_add = VectorIndex.add
+
+    def spy(self, ids, vectors, *, fit_queries=None):
+        calls.append(None if fit_queries is None else np.asarray(fit_queries).shape)
+        return real_add(self, ids, vectors, fit_queries=fit_queries)
+
+    monkeypatch.setattr(VectorIndex, "add", spy)
+    c = Collection.create(tmp_path, "b", CollectionConfig(encoder=tiny_encoder.name, spec="BFlat"))
+    try:
+        crash_after_store(c, "a", "Cats purr softly. They nap all day.")
+        assert c.index is None
+        assert recover(c, tiny_encoder)["vectors_added"] == 1
+        assert calls[0] == (1, tiny_encoder.dim)
+        assert (c.folder / "vectors" / "manifest.json").exists()
+    finally:
+        c.close()

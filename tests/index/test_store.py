@@ -155,6 +155,14 @@ def test_ids_are_never_reused_after_deletes(store):
     assert store.passage_ids() == [1, 2, 6]
 
 
+def test_passage_id_array_equals_passage_ids(store):
+    assert store.passage_id_array().tolist() == [] and store.passage_id_array().dtype == "int64"
+    for i in range(12):
+        store.replace_document(doc(f"d{i}"), [passage(f"{i}-{k}") for k in range(i % 3)])
+    store.delete_documents(["d4", "d8"])
+    assert store.passage_id_array().tolist() == store.passage_ids()
+
+
 def test_replace_with_no_passages_keeps_document(store):
     store.replace_document(doc("a"), [passage("x")])
     removed, added = store.replace_document(doc("a", content_hash="empty"), [])

@@ -79,7 +79,7 @@ def shared_state(make_settings) -> Iterator[AppState]:
 
 @pytest.fixture
 def client(shared_state) -> Iterator[TestClient]:
-    with TestClient(create_app(state=shared_state)) as c:
+    with TestClient(create_app(state=shared_state), base_url="http://localhost") as c:
         yield c
 
 
@@ -89,7 +89,7 @@ def make_client(make_settings) -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
 
     def make(**overrides) -> TestClient:
-        c = TestClient(create_app(make_settings(**overrides)))
+        c = TestClient(create_app(make_settings(**overrides)), base_url="http://localhost")
         c.__enter__()
         opened.append(c)
         return c

@@ -1033,8 +1033,11 @@ def test_api_key(make_client):
     assert c.post("/v1/embeddings", json={"input": "x"}, headers=ok).status_code == 200
     assert c.get("/v1/collections", headers={"Authorization": "bearer secret"}).status_code == 200
     assert "secret" not in c.get("/v1/collections").text
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz", "/openapi.json"):
         assert c.get(path).status_code == 200, path
+    # the metrics name routes and load: behind the key, like the API
+    assert c.get("/metrics").status_code == 401
+    assert c.get("/metrics", headers=ok).status_code == 200
 
 
 def test_no_api_key_means_open(client):
@@ -1201,7 +1204,7 @@ def test_gate_retry_after_grows_with_the_queue():
 @pytest.fixture
 def quiet_client(shared_state):
     """A client that receives 500 answers instead of re-raising the server's exception."""
-    with TestClient(create_app(state=shared_state), raise_server_exceptions=False) as c:
+    with TestClient(create_app(state=shared_state), raise_server_exceptions=False, base_url="http://localhost") as c:
         yield c
 
 

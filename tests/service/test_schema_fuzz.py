@@ -28,10 +28,10 @@ EXAMPLES = 60  # per operation and generation mode
 def fuzz_app(make_settings, tmp_path_factory):
     """An app over tiny models with its own data directory and a low max_tokens, so generated chat
     requests decode at most 16 tokens."""
-    state = AppState(make_settings(home=str(tmp_path_factory.mktemp("fuzz-home")), max_tokens=16))
+    state = AppState(make_settings(home=str(tmp_path_factory.mktemp("fuzz-home")), max_tokens=16, allowed_hosts="*"))
     state.load()
     app = create_app(state=state)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.post("/v1/collections", json={"name": SEEDED}).status_code == 201
         assert c.post(f"/v1/collections/{SEEDED}/documents", json={"documents": DOCS}).status_code == 200
     yield app
