@@ -382,10 +382,11 @@ class Collection:
             raise InvalidInputError(
                 f"collection {self.name!r} was built with {self.config.encoder}, not {encoder.name}"
             )
+        # the filter is checked even on an empty collection: a bad one is an error either way
+        allowed = np.asarray(self.store.filter_ids(filter), dtype=np.int64) if filter else None
         index = self.index
         if index is None or index.ntotal == 0:
             return []
-        allowed = np.asarray(self.store.filter_ids(filter), dtype=np.int64) if filter else None
         if allowed is not None and len(allowed) == 0:
             return []
         t0 = time.perf_counter()

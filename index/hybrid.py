@@ -21,6 +21,11 @@ from encoders.errors import CorruptIndexError, InvalidInputError
 from index.atomic import fsync_dir, write_json
 
 RRF_K = 60
+# languages with both a Snowball stemmer and a bm25s stop-word list (bm25s takes these names)
+STOPWORD_LANGUAGES = frozenset(
+    {"danish", "dutch", "english", "french", "german", "italian", "norwegian", "portuguese"}
+    | {"russian", "spanish", "swedish", "turkish"}
+)
 META = "bm25.json"
 IDS = "ids.npy"
 FORMAT_VERSION = 2
@@ -50,12 +55,7 @@ class BM25Index:
     def _tokenize(self, texts: Sequence[str]):
         import bm25s
 
-        stopwords = (
-            self.language[:2]
-            if self.language
-            in {"english", "german", "french", "spanish", "italian", "portuguese", "dutch", "swedish"}
-            else None
-        )
+        stopwords = self.language if self.language in STOPWORD_LANGUAGES else None
         return bm25s.tokenize(list(texts), stopwords=stopwords, stemmer=self._stemmer(), show_progress=False)
 
     def build(self, ids: Sequence[int], texts: Sequence[str]) -> None:

@@ -104,7 +104,7 @@ def _check_bm25_language(language: str | None) -> None:
         return
     try:
         BM25Index(language).build([0], ["probe"])
-    except KeyError:  # PyStemmer has no such algorithm
+    except (KeyError, ValueError, UnicodeError):  # PyStemmer or bm25s has no such language
         import Stemmer
 
         raise ApiError(

@@ -476,6 +476,8 @@ def test_hostile_values_are_4xx(client, collection):
         ),
         ("POST", "/v1/collections", {"name": f"b-{uuid.uuid4().hex[:6]}", "spec": "BIVF" + "9" * 5000}),
         ("POST", "/v1/collections", {"name": f"b-{uuid.uuid4().hex[:6]}", "spec": "BIVF" + "9" * 40}),
+        ("POST", "/v1/collections", {"name": f"b-{uuid.uuid4().hex[:6]}", "bm25_language": "§"}),
+        ("POST", "/v1/collections", {"name": f"b-{uuid.uuid4().hex[:6]}", "bm25_language": "klingon"}),
     ]
     for method, path, body in cases:
         r = client.request(method, path, json=body)
@@ -491,6 +493,23 @@ def test_hostile_values_are_4xx(client, collection):
     assert client.get(f"/v1/collections/{collection}/documents/nested").json()["metadata"]["a"]["b"]["c"][
         1
     ] == {"d": 2}
+
+
+@pytest.mark.parametrize("language", ["german", "swedish", "english"])
+def test_stemmed_bm25_languages_index_and_search(client, language):
+    """Every language offered gets its stemmer and stop words (German and Swedish used to fail)."""
+    name = f"lang-{uuid.uuid4().hex[:6]}"
+    r = client.post("/v1/collections", json={"name": name, "bm25_language": language})
+    assert r.status_code == 201, r.text
+    docs = [
+        {"id": "a", "text": "Die Katzen laufen schnell über die Brücken."},
+        {"id": "b", "text": "Mars has moons."},
+    ]
+    assert client.post(f"/v1/collections/{name}/documents", json={"documents": docs}).status_code == 200
+    r = client.post(
+        f"/v1/collections/{name}/search", json={"query": "Katzen Brücken", "hybrid": True, "k": 2}
+    )
+    assert r.status_code == 200 and r.json()["hits"][0]["doc_id"] == "a", r.text
 
 
 @pytest.mark.parametrize("stream", [False, True])
