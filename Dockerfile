@@ -33,6 +33,7 @@ RUN pip install --upgrade pip \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY kvrag ./kvrag
 COPY encoders ./encoders
 COPY index ./index
 COPY kernels ./kernels

@@ -42,12 +42,13 @@ run: models  ## index the sample corpus (embeddings + passage KV caches), search
 serve: models  ## serve the HTTP API on 127.0.0.1:$${KVRAG_PORT:-8000} (index first: make run)
 	$(KVRAG) serve
 
-test: setup  ## run the test suite
+test: setup  ## check the package layout (scripts/check_layout.py) and run the test suite
+	$(PY) scripts/check_layout.py
 	$(PY) -m pytest -q
 
 lint: setup  ## ruff lint and format check
-	$(VENV)/bin/ruff check encoders index kernels rag service tests benchmarks examples
-	$(VENV)/bin/ruff format --check encoders index kernels rag service tests benchmarks examples
+	$(VENV)/bin/ruff check kvrag encoders index kernels rag service tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check kvrag encoders index kernels rag service tests benchmarks examples scripts
 
 bench: setup  ## run the benchmarks (JSON on stdout; slow, needs ../shared/data)
 	$(PY) benchmarks/run_all.py

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from score_fusion import ranked  # noqa: E402
 
-from encoders.encoder import load_encoder  # noqa: E402
-from encoders.errors import InvalidInputError  # noqa: E402
-from rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.errors import InvalidInputError  # noqa: E402
+from kvrag.rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

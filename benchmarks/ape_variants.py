@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.encoder import load_encoder  # noqa: E402
-from rag.eval.rag import RagEvalConfig, Variant, open_eval_collection, run_rag_eval  # noqa: E402
-from service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.rag.eval.rag import RagEvalConfig, Variant, open_eval_collection, run_rag_eval  # noqa: E402
+from kvrag.service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.encoder import load_encoder  # noqa: E402
-from rag.compress import open_compressor, split_words  # noqa: E402
-from rag.eval.rag import compress_collection, open_eval_collection  # noqa: E402
-from rag.eval.squad import best_score, exact_match, f1_score, load_squad  # noqa: E402
-from rag.generation.generator import SamplingParams  # noqa: E402
-from service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.rag.compress import open_compressor, split_words  # noqa: E402
+from kvrag.rag.eval.rag import compress_collection, open_eval_collection  # noqa: E402
+from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad  # noqa: E402
+from kvrag.rag.generation.generator import SamplingParams  # noqa: E402
+from kvrag.service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 
 def parse_settings(text: str) -> list[tuple[str, float, int]]:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             compressors[m] = open_compressor(m, generator=gen, keep_digits=args.keep_digits)
             sources[m] = gen.spec
         elif m == "classifier":
-            from encoders.models import resolve_model
+            from kvrag.encoders.models import resolve_model
 
             path = resolve_model(args.compressor_path, settings.models_dir)
             compressors[m] = open_compressor(m, path=path, keep_digits=args.keep_digits)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.encoder import EncoderConfig, SentenceTransformerEncoder
-from rag.eval.beir import doc_text, load_beir
-from service.settings import get_settings
+from kvrag.encoders.encoder import EncoderConfig, SentenceTransformerEncoder
+from kvrag.rag.eval.beir import doc_text, load_beir
+from kvrag.service.settings import get_settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 

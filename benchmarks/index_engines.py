@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `kernels` pa
 
 import numpy as np  # noqa: E402
 
-from encoders.encoder import load_encoder  # noqa: E402
-from index.collection import Collection, CollectionConfig  # noqa: E402
-from index.job import index_paths  # noqa: E402
-from index.ray_job import KVJobConfig, RayOptions, index_paths_ray, require_ray  # noqa: E402
-from rag.generation.generator import Generator  # noqa: E402
-from rag.kvcache.manager import KVCacheManager  # noqa: E402
-from rag.kvcache.store import open_kv_store  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.index.collection import Collection, CollectionConfig  # noqa: E402
+from kvrag.index.job import index_paths  # noqa: E402
+from kvrag.index.ray_job import KVJobConfig, RayOptions, index_paths_ray, require_ray  # noqa: E402
+from kvrag.rag.generation.generator import Generator  # noqa: E402
+from kvrag.rag.kvcache.manager import KVCacheManager  # noqa: E402
+from kvrag.rag.kvcache.store import open_kv_store  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
 NAME = "scifact"

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import ape_attention, hamming_topk, kv_dequant  # noqa: E402
-from kernels._triton import HAS_TRITON  # noqa: E402
+from kvrag.kernels import ape_attention, hamming_topk, kv_dequant  # noqa: E402
+from kvrag.kernels._triton import HAS_TRITON  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

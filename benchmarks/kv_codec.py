@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rag.eval.squad import load_squad  # noqa: E402
-from rag.kvcache.codec import decode_kv, encode_kv  # noqa: E402
-from service.runtime import open_generator  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.rag.eval.squad import load_squad  # noqa: E402
+from kvrag.rag.kvcache.codec import decode_kv, encode_kv  # noqa: E402
+from kvrag.service.runtime import open_generator  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rag.kvcache.codec import decode_kv, encode_kv  # noqa: E402
-from rag.kvcache.store import RedisStore  # noqa: E402
+from kvrag.rag.kvcache.codec import decode_kv, encode_kv  # noqa: E402
+from kvrag.rag.kvcache.store import RedisStore  # noqa: E402
 
 
 def redis_benchmark_get(host: str, port: int, size: int, n: int, password: str | None) -> dict | None:

@@ -127,7 +127,7 @@ class ServerProc:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [sys.executable, "-m", "kvrag.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(
             [*cmd, "--log-level", "warning"],
             env=env,

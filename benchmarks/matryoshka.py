@@ -26,12 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.adaptor import encode_pseudo_queries  # noqa: E402
-from encoders.compress import truncate  # noqa: E402
-from encoders.encoder import load_encoder  # noqa: E402
-from index.vector import VectorIndex  # noqa: E402
-from rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.adaptor import encode_pseudo_queries  # noqa: E402
+from kvrag.encoders.compress import truncate  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.index.vector import VectorIndex  # noqa: E402
+from kvrag.rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:

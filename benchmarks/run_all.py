@@ -20,7 +20,7 @@ DATA = ROOT.parent / "shared" / "data"
 
 def kvrag(*args: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args, "--json"],
+        [sys.executable, "-m", "kvrag.service.cli", *args, "--json"],
         cwd=ROOT,
         check=True,
         capture_output=True,

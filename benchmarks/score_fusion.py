@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from encoders.encoder import load_encoder  # noqa: E402
-from encoders.errors import InvalidInputError  # noqa: E402
-from rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
-from service.settings import get_settings  # noqa: E402
+from kvrag.encoders.encoder import load_encoder  # noqa: E402
+from kvrag.errors import InvalidInputError  # noqa: E402
+from kvrag.rag.eval.beir import doc_text, evaluate, load_beir  # noqa: E402
+from kvrag.service.settings import get_settings  # noqa: E402
 
 
 def ranked(scores: np.ndarray, doc_ids: list[str], query_ids: list[str], depth: int = 100) -> dict:

@@ -36,9 +36,9 @@ from typing import Literal
 
 import numpy as np
 
-from encoders.codetext import defines_code
-from encoders.compress import normalize, truncate
-from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
+from kvrag.encoders.codetext import defines_code
+from kvrag.encoders.compress import normalize, truncate
+from kvrag.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
 
 AdaptorMethod = Literal["none", "pca", "learned"]
 ADAPTOR_METHODS: tuple[str, ...] = ("none", "pca", "learned")
@@ -185,7 +185,7 @@ class MatryoshkaAdaptor:
 
     def save(self, directory: str | Path) -> Path:
         """Write `adaptor.npy` (the matrix) and `adaptor.json` into `directory`, each atomically."""
-        from index.atomic import write_json, write_npy
+        from kvrag.atomic import write_json, write_npy
 
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from encoders.codetext import split_identifier, summarise_docstring
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from encoders.models import marker_matches, staged_folder
-from encoders.query_writer import DEFAULT_WRITER, write_queries
-from encoders.training import warmup_cosine
+from kvrag.encoders.codetext import split_identifier, summarise_docstring
+from kvrag.encoders.models import marker_matches, staged_folder
+from kvrag.encoders.query_writer import DEFAULT_WRITER, write_queries
+from kvrag.encoders.training import warmup_cosine
+from kvrag.errors import InvalidInputError, ModelNotFoundError
 
 NAME = "code-e5-small"
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters" / NAME
@@ -656,8 +656,8 @@ def teacher_embeddings(specs: Sequence[str], pairs: Sequence[Pair], *, show_prog
     built from the settings, embedding cache included: a second run on the same pairs encodes nothing."""
     import torch
 
-    from encoders.encoder import load_encoder
-    from service.settings import get_settings
+    from kvrag.encoders.encoder import load_encoder
+    from kvrag.service.settings import get_settings
 
     out = []
     for spec in specs:
@@ -861,8 +861,8 @@ def train_code_adapter(
     import torch
     from tqdm.auto import tqdm
 
-    from encoders.models import resolve_model
-    from service.settings import get_settings
+    from kvrag.encoders.models import resolve_model
+    from kvrag.service.settings import get_settings
 
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise InvalidInputError("--epochs must be >= 1 and --batch-size >= 2")
@@ -1132,7 +1132,7 @@ def adapter_encoder_folder(adapter_dir: Path, models_dir: Path) -> Path:
     """An adapter folder (`kvrag train code-adapter --out DIR`) used as an encoder spec: the base
     model its `adapter_config.json` names, with the adapter merged in, prepared once under
     `models_dir/adapters/` (so a freshly trained adapter is evaluated with `--encoder DIR`)."""
-    from encoders.models import resolve_model
+    from kvrag.encoders.models import resolve_model
 
     adapter_dir = Path(adapter_dir)
     base_spec = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get(

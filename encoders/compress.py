@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from encoders.errors import DimensionMismatchError, InvalidInputError
+from kvrag.errors import DimensionMismatchError, InvalidInputError
 
 Precision = Literal["float32", "int8", "ubinary"]
 PRECISIONS: tuple[str, ...] = ("float32", "int8", "ubinary")

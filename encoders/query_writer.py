@@ -23,8 +23,8 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from encoders.errors import InvalidInputError
-from encoders.training import cached_rows
+from kvrag.encoders.training import cached_rows
+from kvrag.errors import InvalidInputError
 
 DEFAULT_WRITER = "bundled:smollm2-135m-instruct"
 PROMPT_VERSION = "search-v1"
@@ -129,8 +129,8 @@ def write_queries(
         progress(len(descriptions) - len(todo))
     if todo:
         if generate is None:
-            from encoders.models import resolve_model
-            from service.settings import get_settings
+            from kvrag.encoders.models import resolve_model
+            from kvrag.service.settings import get_settings
 
             generate = hf_generate(resolve_model(writer, get_settings().models_dir))
         if cache_path:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from index.vector import VectorIndex
+from kvrag.index.vector import VectorIndex
 
 
 def synthetic_embeddings(

@@ -28,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from encoders.adaptor import check_method
-from encoders.encoder import Encoder
-from encoders.errors import (
+from kvrag.encoders.adaptor import check_method
+from kvrag.encoders.encoder import Encoder
+from kvrag.errors import (
     CollectionNotFoundError,
     CorruptIndexError,
     DimensionMismatchError,
     InvalidInputError,
 )
-from index.hybrid import BM25Index, rrf
-from index.store import PassageRow, PassageStore
-from index.vector import VectorIndex, parse_spec
+from kvrag.index.hybrid import BM25Index, rrf
+from kvrag.index.store import PassageRow, PassageStore
+from kvrag.index.vector import VectorIndex, parse_spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_QUERY_CHARS = 4000

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.errors import CorruptIndexError, InvalidInputError
-from index.atomic import fsync_dir, write_json
+from kvrag.atomic import fsync_dir, write_json
+from kvrag.errors import CorruptIndexError, InvalidInputError
 
 RRF_K = 60
 # languages with both a Snowball stemmer and a bm25s stop-word list (bm25s takes these names)

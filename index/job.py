@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from encoders.adaptor import encode_pseudo_queries, pseudo_queries_suit
-from encoders.encoder import Encoder
-from encoders.errors import CorruptIndexError, InvalidInputError
-from index.chunking import chunk_document
-from index.collection import Collection
-from index.lang import guess_language
-from index.vector import calibrates_on_queries
+from kvrag.encoders.adaptor import encode_pseudo_queries, pseudo_queries_suit
+from kvrag.encoders.encoder import Encoder
+from kvrag.errors import CorruptIndexError, InvalidInputError
+from kvrag.index.chunking import chunk_document
+from kvrag.index.collection import Collection
+from kvrag.index.lang import guess_language
+from kvrag.index.vector import calibrates_on_queries
 
 TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
 CODE_SUFFIXES = {

@@ -51,14 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from encoders import errors
-from encoders.encoder import EncoderConfig
-from encoders.errors import InvalidInputError, KvragError
-from index.chunking import chunk_document
-from index.collection import Collection
-from index.job import Document, JobReport, calibration_passages, embed_text, iter_documents, triage
-from index.lang import guess_language
-from index.vector import calibrates_on_queries
+from kvrag import errors
+from kvrag.encoders.encoder import EncoderConfig
+from kvrag.errors import InvalidInputError, KvragError
+from kvrag.index.chunking import chunk_document
+from kvrag.index.collection import Collection
+from kvrag.index.job import Document, JobReport, calibration_passages, embed_text, iter_documents, triage
+from kvrag.index.lang import guess_language
+from kvrag.index.vector import calibrates_on_queries
 
 FLUSH_PASSAGES = 256  # the local job's vector batch: vectors are added to the index in the same groups
 
@@ -176,7 +176,7 @@ class _Chunker:
     """Chunks documents with the encoder's tokenizer (the model runs on CPU here and is never called)."""
 
     def __init__(self, encoder_config: EncoderConfig, max_tokens: int, overlap_tokens: int, threads: int):
-        from encoders.encoder import SentenceTransformerEncoder
+        from kvrag.encoders.encoder import SentenceTransformerEncoder
 
         _set_threads(threads)
         self.encoder = SentenceTransformerEncoder(replace(encoder_config, device="cpu", cache_path=None))
@@ -215,7 +215,7 @@ class _Embedder:
     def __init__(self, encoder_config: EncoderConfig, dim: int | None, threads: int, keep_texts: bool):
         import ray
 
-        from encoders.encoder import load_encoder
+        from kvrag.encoders.encoder import load_encoder
 
         _set_threads(threads)
         if ray.get_gpu_ids():
@@ -240,9 +240,9 @@ class _KVWriter:
     """Computes the passage KV caches missing from the store and writes them there; drops the texts."""
 
     def __init__(self, kv: KVJobConfig, threads: int):
-        from rag.generation.generator import Generator
-        from rag.kvcache.manager import KVCacheManager
-        from rag.kvcache.store import open_kv_store
+        from kvrag.rag.generation.generator import Generator
+        from kvrag.rag.kvcache.manager import KVCacheManager
+        from kvrag.rag.kvcache.store import open_kv_store
 
         _set_threads(threads)
         self.generator = Generator(kv.generator, models_dir=kv.models_dir, device=kv.device, prompt=kv.prompt)
@@ -414,7 +414,7 @@ def index_paths_ray(
         )
     store_url = None
     if kv is not None:
-        from rag.kvcache.codec import CODECS
+        from kvrag.rag.kvcache.codec import CODECS
 
         if kv.codec not in CODECS:
             raise InvalidInputError(f"unknown KV codec {kv.codec!r}: choose one of {', '.join(CODECS)}")
@@ -423,12 +423,12 @@ def index_paths_ray(
                 "a memory:// KV store lives inside one process and would vanish with the Ray actors:"
                 " give the ray engine a file://, redis:// or redis-cluster:// store"
             )
-        from rag.kvcache.store import open_kv_store
+        from kvrag.rag.kvcache.store import open_kv_store
 
         probe = open_kv_store(kv.url)  # a bad URL fails here, before any actor starts
         store_url = probe.url
         probe.close()
-    from encoders.models import resolve_model
+    from kvrag.encoders.models import resolve_model
 
     resolve_model(encoder_config.model, encoder_config.models_dir)  # prepares a bundled model once
     if kv is not None:
@@ -667,8 +667,8 @@ def _embed_and_store_kv(
             if not target.fitted and calibrates_on_queries(collection.config.adaptor, target.spec.precision):
                 passages = calibration_passages(collection, ids)
                 if passages is not None:  # encoded on the driver, for this one batch
-                    from encoders.adaptor import encode_pseudo_queries
-                    from encoders.encoder import load_encoder
+                    from kvrag.encoders.adaptor import encode_pseudo_queries
+                    from kvrag.encoders.encoder import load_encoder
 
                     fit_queries = encode_pseudo_queries(
                         load_encoder(encoder_config), passages, dim=vectors.shape[1]

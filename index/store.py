@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from encoders.errors import InvalidInputError
+from kvrag.errors import InvalidInputError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (

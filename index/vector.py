@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Literal
 import faiss
 import numpy as np
 
-from encoders.adaptor import LearnedFit, MatryoshkaAdaptor, check_method
-from encoders.compress import (
+from kvrag.atomic import fsync_dir, write_json, write_npy, write_with
+from kvrag.encoders.adaptor import LearnedFit, MatryoshkaAdaptor, check_method
+from kvrag.encoders.compress import (
     BinaryCalibration,
     Int8Calibration,
     dequantize_int8,
@@ -51,8 +52,7 @@ from encoders.compress import (
     quantize_int8,
     quantize_ubinary,
 )
-from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
-from index.atomic import fsync_dir, write_json, write_npy, write_with
+from kvrag.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
 
 if TYPE_CHECKING:  # torch is imported only when a kernel scan is used
     import torch
@@ -510,7 +510,7 @@ class VectorIndex:
         selector returns (int32 max and -1 past the live rows), converted to the same scores."""
         import torch
 
-        from kernels.hamming_topk import PAD_DISTANCE, PAD_INDEX, hamming_topk
+        from kvrag.kernels.hamming_topk import PAD_DISTANCE, PAD_INDEX, hamming_topk
 
         codes, rows_of = self._live_codes()
         if len(codes) == 0:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kernels._triton import (
+from kvrag.kernels._triton import (
     HAS_TRITON,
     cpu_time_ms,
     jit,

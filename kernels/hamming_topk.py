@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels._triton import (
+from kvrag.kernels._triton import (
     HAS_TRITON,
     cpu_time_ms,
     gpu_peak_bandwidth_gbs,

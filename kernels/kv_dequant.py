@@ -20,8 +20,17 @@ from typing import Any
 
 import torch
 
-from kernels._triton import HAS_TRITON, cpu_time_ms, jit, launchable, next_pow2, pick_backend, tl, triton
-from rag.kvcache.codec import dequantize_int8_reference
+from kvrag.kernels._triton import (
+    HAS_TRITON,
+    cpu_time_ms,
+    jit,
+    launchable,
+    next_pow2,
+    pick_backend,
+    tl,
+    triton,
+)
+from kvrag.kernels.kv_reference import dequantize_int8_reference
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -239,7 +248,7 @@ def benchmark(*, quick: bool = False) -> dict[str, Any]:
 
     from triton.testing import do_bench
 
-    from kernels._triton import gpu_peak_bandwidth_gbs
+    from kvrag.kernels._triton import gpu_peak_bandwidth_gbs
 
     shape = (32, 8, 2048, 128)
     args = _inputs(*shape, "cuda")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from encoders.errors import InvalidInputError
-from rag.eval.squad import load_squad
-from rag.generation.generator import Generator
-from rag.kvcache.manager import KVCacheManager
+from kvrag.errors import InvalidInputError
+from kvrag.rag.eval.squad import load_squad
+from kvrag.rag.generation.generator import Generator
+from kvrag.rag.kvcache.manager import KVCacheManager
 
 DEFAULT_DATA = Path("../shared/data/xquad/xquad.en.json")
 SAMPLE_DOCS = Path(__file__).resolve().parents[1] / "samples" / "docs"

@@ -7,10 +7,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from encoders.encoder import Encoder
-from encoders.errors import InvalidInputError
-from index.collection import Collection, Hit
-from rag.generation.generator import (
+from kvrag.encoders.encoder import Encoder
+from kvrag.errors import InvalidInputError
+from kvrag.index.collection import Collection, Hit
+from kvrag.rag.generation.generator import (
     DEFAULT_BLEND_RATIO,
     MODES,
     Generator,
@@ -18,7 +18,7 @@ from rag.generation.generator import (
     Session,
     TokenEvent,
 )
-from rag.kvcache.manager import KVCacheManager
+from kvrag.rag.kvcache.manager import KVCacheManager
 
 
 def passage_text(passage, use_compressed: bool = True) -> str:

@@ -8,18 +8,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service import errors
-from service.limits import (
+from kvrag.service import errors
+from kvrag.service.limits import (
     LOOPBACK_NAMES,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     HostGuardMiddleware,
     is_loopback,
 )
-from service.metrics import MetricsMiddleware
-from service.routers import chat, collections, embeddings, health
-from service.settings import Settings, get_settings
-from service.state import AppState
+from kvrag.service.metrics import MetricsMiddleware
+from kvrag.service.routers import chat, collections, embeddings, health
+from kvrag.service.settings import Settings, get_settings
+from kvrag.service.state import AppState
 
 log = logging.getLogger("kvrag.service")
 

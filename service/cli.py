@@ -11,9 +11,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from encoders.errors import KvragError
-from encoders.query_writer import DEFAULT_WRITER
-from service.settings import get_settings
+from kvrag.encoders.query_writer import DEFAULT_WRITER
+from kvrag.errors import KvragError
+from kvrag.service.settings import get_settings
 
 
 def _print_json(obj: object) -> None:
@@ -21,7 +21,7 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from encoders.models import describe_bundled, prepare_all
+    from kvrag.encoders.models import describe_bundled, prepare_all
 
     settings = get_settings()
     prepared = {p["spec"]: p for p in prepare_all(settings.models_dir)}
@@ -36,9 +36,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from encoders.encoder import load_encoder
-    from index.collection import Collection, CollectionConfig
-    from index.job import index_paths
+    from kvrag.encoders.encoder import load_encoder
+    from kvrag.index.collection import Collection, CollectionConfig
+    from kvrag.index.job import index_paths
 
     settings = get_settings()
     for path in args.paths:
@@ -57,7 +57,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     )
     ray_options = None
     if args.engine == "ray":
-        from index.ray_job import RayOptions, require_ray
+        from kvrag.index.ray_job import RayOptions, require_ray
 
         require_ray()
         ray_options = RayOptions(address=args.address, num_cpus=args.ray_cpus, actors=args.actors or 1)
@@ -68,7 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.compress is not None and ray_options is not None:
         raise KvragError("--compress applies to --engine local only")
     if args.compress_rate is not None:
-        from rag.compress import check_rate
+        from kvrag.rag.compress import check_rate
 
         check_rate(args.compress_rate)
     compress_report = None
@@ -90,7 +90,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             compression = _index_compression(collection, args)
             generator = None
             if compression is not None or not args.no_kv:
-                from service.runtime import open_generator
+                from kvrag.service.runtime import open_generator
 
                 generator = open_generator(settings, args.generator, args.prompt)
             if compression is not None:
@@ -137,7 +137,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def _index_ray(settings, collection, args, options) -> tuple:
     """`--engine ray`: the same job as a Ray Data pipeline (index.ray_job)."""
-    from index.ray_job import KVJobConfig, index_paths_ray
+    from kvrag.index.ray_job import KVJobConfig, index_paths_ray
 
     kv = None
     if not args.no_kv:
@@ -164,15 +164,15 @@ def _index_ray(settings, collection, args, options) -> tuple:
 def _default_index_encoder(settings, name: str, paths: list[str]) -> str:
     """The encoder of a new collection when --encoder is not given: the code encoder when every file
     is source code, else the text encoder (an existing collection keeps the one it was built with)."""
-    from index.collection import Collection
-    from index.job import count_file_kinds
+    from kvrag.index.collection import Collection
+    from kvrag.index.job import count_file_kinds
 
     try:
         if (Collection.folder_for(settings.root, name) / "passages.sqlite").exists():
             return settings.encoder  # exists: it keeps its own encoder, this value is ignored
     except KvragError:
         return settings.encoder  # a bad name: the normal path reports it
-    from encoders.models import BUNDLED, BUNDLED_PREFIX
+    from kvrag.encoders.models import BUNDLED, BUNDLED_PREFIX
 
     code = settings.code_encoder
     if code == settings.encoder:
@@ -207,14 +207,14 @@ DEFAULT_CLASSIFIER = "bundled:compressor-e5-small"
 
 def _open_compressor(settings, method: str, generator, path: str | None):
     """A compressor and what it is made from (recorded with the compressed texts)."""
-    from rag.compress import METHODS, open_compressor
+    from kvrag.rag.compress import METHODS, open_compressor
 
     if method == "selfinfo":
         if path is not None:
             return open_compressor(method, model=path), str(Path(path).expanduser().resolve())
         return open_compressor(method, generator=generator), generator.spec
     if method == "classifier":
-        from encoders.models import BUNDLED_PREFIX, resolve_model
+        from kvrag.encoders.models import BUNDLED_PREFIX, resolve_model
 
         spec = path if path is not None else DEFAULT_CLASSIFIER
         if spec.startswith(BUNDLED_PREFIX):
@@ -228,7 +228,7 @@ def _open_compressor(settings, method: str, generator, path: str | None):
 def _compress_passages(settings, collection, generator, method, rate, path, progress: bool) -> dict:
     """Indexing time: compressed texts for the passages lacking one; the KV is computed from them,
     while embeddings, BM25 and citations stay on the original texts."""
-    from rag.eval.rag import compress_collection
+    from kvrag.rag.eval.rag import compress_collection
 
     compressor, source = _open_compressor(settings, method, generator, path)
     return compress_collection(
@@ -245,8 +245,8 @@ def _compress_passages(settings, collection, generator, method, rate, path, prog
 def _precompute_kv(settings, collection, args, *, progress: bool, generator=None) -> dict:
     """Indexing time: every passage's KV cache after the shared prefix, stored once (from the
     passage's compressed text where the collection keeps one)."""
-    from rag.pipeline import passage_text
-    from service.runtime import open_generator, open_kv
+    from kvrag.rag.pipeline import passage_text
+    from kvrag.service.runtime import open_generator, open_kv
 
     generator = generator or open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
@@ -262,8 +262,8 @@ def _precompute_kv(settings, collection, args, *, progress: bool, generator=None
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from encoders.encoder import load_encoder
-    from index.collection import Collection
+    from kvrag.encoders.encoder import load_encoder
+    from kvrag.index.collection import Collection
 
     settings = get_settings()
     try:
@@ -296,7 +296,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _recover(collection, encoder) -> None:
     """Repair what an interrupted write left in the collection (see `index.job.recover`); say so."""
-    from index.job import recover
+    from kvrag.index.job import recover
 
     report = recover(collection, encoder)
     if report["vectors_added"] or report["vectors_removed"] or report["bm25_rebuilt"]:
@@ -309,9 +309,9 @@ def _recover(collection, encoder) -> None:
 
 
 def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) -> int:
-    from rag.generation.generator import SamplingParams
-    from rag.pipeline import RagAnswer
-    from service.runtime import open_generator, open_kv, open_pipeline
+    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.pipeline import RagAnswer
+    from kvrag.service.runtime import open_generator, open_kv, open_pipeline
 
     generator = open_generator(settings, args.generator, args.prompt)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
@@ -364,7 +364,7 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
+    from kvrag.rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
 
     settings = get_settings()
     # --rotation names the binary-code calibration by what it does: itq, or none (mean-centring only)
@@ -397,9 +397,9 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_rag(args: argparse.Namespace) -> int:
-    from encoders.encoder import load_encoder
-    from rag.eval.rag import RagEvalConfig, Variant, open_eval_collection, run_rag_eval
-    from service.runtime import open_generator, open_kv, open_pipeline
+    from kvrag.encoders.encoder import load_encoder
+    from kvrag.rag.eval.rag import RagEvalConfig, Variant, open_eval_collection, run_rag_eval
+    from kvrag.service.runtime import open_generator, open_kv, open_pipeline
 
     settings = get_settings()
     progress = not args.json and sys.stderr.isatty()
@@ -450,7 +450,7 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
 
 
 def cmd_train_code_adapter(args: argparse.Namespace) -> int:
-    from encoders.code_adapter import AdapterConfig, train_code_adapter
+    from kvrag.encoders.code_adapter import AdapterConfig, train_code_adapter
 
     if args.threads:
         import torch
@@ -484,7 +484,7 @@ def cmd_train_code_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_train_compressor(args: argparse.Namespace) -> int:
-    from rag.compress.train import TrainConfig, train_compressor
+    from kvrag.rag.compress.train import TrainConfig, train_compressor
 
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -524,9 +524,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.app import create_app
-    from service.limits import is_loopback
-    from service.server import guarded_h11
+    from kvrag.service.app import create_app
+    from kvrag.service.limits import is_loopback
+    from kvrag.service.server import guarded_h11
 
     settings = get_settings()
     host = args.host or settings.host
@@ -560,8 +560,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_ttft(args: argparse.Namespace) -> int:
-    from rag.bench_ttft import run_ttft_bench
-    from service.runtime import open_generator, open_kv
+    from kvrag.rag.bench_ttft import run_ttft_bench
+    from kvrag.service.runtime import open_generator, open_kv
 
     settings = get_settings()
     generator = open_generator(settings, args.generator, args.prompt)
@@ -583,7 +583,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_index(args: argparse.Namespace) -> int:
-    from index.bench import run_index_bench
+    from kvrag.index.bench import run_index_bench
 
     result = run_index_bench(
         n=args.n, dim=args.dim, queries=args.queries, k=args.k, rescore=args.rescore, seed=args.seed

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import ApiError
-from service.state import AppState
+from kvrag.service.errors import ApiError
+from kvrag.service.state import AppState
 
 
 def get_state(request: Request) -> AppState:

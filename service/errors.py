@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from encoders.errors import (
+from kvrag.errors import (
     CollectionNotFoundError,
     CorruptIndexError,
     DimensionMismatchError,

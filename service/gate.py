@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from service.errors import Busy
+from kvrag.service.errors import Busy
 
 
 class ModelGate:

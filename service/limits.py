@@ -9,7 +9,7 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from kvrag.service.errors import error_response
 
 # paths anyone may call: liveness and readiness probes, and the API's own description
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from encoders.encoder import load_encoder
-from index.collection import Collection
-from rag.generation.generator import Generator
-from rag.kvcache.manager import KVCacheManager
-from rag.kvcache.store import open_kv_store
-from rag.pipeline import RagPipeline
-from service.settings import Settings
+from kvrag.encoders.encoder import load_encoder
+from kvrag.index.collection import Collection
+from kvrag.rag.generation.generator import Generator
+from kvrag.rag.kvcache.manager import KVCacheManager
+from kvrag.rag.kvcache.store import open_kv_store
+from kvrag.rag.pipeline import RagPipeline
+from kvrag.service.settings import Settings
 
 
 def open_generator(settings: Settings, spec: str | None = None, prompt: str | None = None) -> Generator:

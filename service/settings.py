@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from encoders.encoder import EncoderConfig
+from kvrag.encoders.encoder import EncoderConfig
 
 
 class Settings(BaseSettings):

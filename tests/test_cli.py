@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from kvrag.service.cli import main
 
 DOCS = {
     "en.md": "# Garden\n\nThe garden is full of roses in the summer and the bees are busy all day long.\n",

@@ -7,8 +7,8 @@ computed. Two methods behind one interface (`PromptCompressor.compress(texts, *,
 
 from __future__ import annotations
 
-from encoders.errors import InvalidInputError
-from rag.compress.base import (
+from kvrag.errors import InvalidInputError
+from kvrag.rag.compress.base import (
     PromptCompressor,
     Word,
     WordScores,
@@ -17,8 +17,8 @@ from rag.compress.base import (
     select_words,
     split_words,
 )
-from rag.compress.classifier import ClassifierCompressor
-from rag.compress.selfinfo import SelfInfoCompressor
+from kvrag.rag.compress.classifier import ClassifierCompressor
+from kvrag.rag.compress.selfinfo import SelfInfoCompressor
 
 METHODS = ("selfinfo", "classifier")
 

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from encoders.errors import InvalidInputError
+from kvrag.errors import InvalidInputError
 
 # Code point ranges of scripts written without spaces: every character there is one word.
 _NO_SPACE_RANGES = (

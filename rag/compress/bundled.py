@@ -13,8 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from encoders.errors import ModelNotFoundError
-from encoders.models import marker_matches, staged_folder
+from kvrag.encoders.models import marker_matches, staged_folder
+from kvrag.errors import ModelNotFoundError
 
 NAME = "compressor-e5-small"
 DELTA_DIR = Path(__file__).resolve().parent / "models" / NAME

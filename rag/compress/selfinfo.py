@@ -15,8 +15,15 @@ from pathlib import Path
 
 import torch
 
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from rag.compress.base import PromptCompressor, Word, WordScores, char_to_word, fill_missing, token_words
+from kvrag.errors import InvalidInputError, ModelNotFoundError
+from kvrag.rag.compress.base import (
+    PromptCompressor,
+    Word,
+    WordScores,
+    char_to_word,
+    fill_missing,
+    token_words,
+)
 
 
 class SelfInfoCompressor(PromptCompressor):

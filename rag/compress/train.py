@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from encoders.errors import InvalidInputError
-from encoders.training import cached_rows, warmup_cosine
-from rag.compress.base import char_to_word, mean_per_word, select_words, split_words, token_words
+from kvrag.encoders.training import cached_rows, warmup_cosine
+from kvrag.errors import InvalidInputError
+from kvrag.rag.compress.base import char_to_word, mean_per_word, select_words, split_words, token_words
 
 TEACHER_RATES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
@@ -250,9 +250,9 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     from tqdm.auto import tqdm
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from encoders.models import resolve_model
-    from rag.compress.selfinfo import SelfInfoCompressor
-    from service.settings import get_settings
+    from kvrag.encoders.models import resolve_model
+    from kvrag.rag.compress.selfinfo import SelfInfoCompressor
+    from kvrag.service.settings import get_settings
 
     if cfg.train_layers < 0:
         raise InvalidInputError("--train-layers must be >= 0")
@@ -272,7 +272,7 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     log(f"{len(texts)} passages ({', '.join(sorted(set(sources)))})")
 
     # 1. Teacher labels.
-    from rag.generation.generator import Generator
+    from kvrag.rag.generation.generator import Generator
 
     t0 = time.perf_counter()
     out = Path(cfg.out)

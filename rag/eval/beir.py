@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.errors import InvalidInputError
+from kvrag.errors import InvalidInputError
 
 __all__ = ["BeirData", "doc_text", "evaluate", "load_beir"]
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoders.errors import InvalidInputError
-from index.collection import Collection, CollectionConfig
-from index.job import Document, index_documents
-from rag.eval.squad import best_score, exact_match, f1_score, load_squad
-from rag.generation.generator import DEFAULT_BLEND_RATIO, MODES, SamplingParams
-from rag.kvcache.manager import KVCacheManager
-from rag.pipeline import RagPipeline, passage_text
+from kvrag.errors import InvalidInputError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.job import Document, index_documents
+from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad
+from kvrag.rag.generation.generator import DEFAULT_BLEND_RATIO, MODES, SamplingParams
+from kvrag.rag.kvcache.manager import KVCacheManager
+from kvrag.rag.pipeline import RagPipeline, passage_text
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def compress_collection(
     method, rate or source changed); with a `generator`, also the mean passage tokens before and after."""
     from tqdm.auto import tqdm
 
-    from rag.compress import check_rate
+    from kvrag.rag.compress import check_rate
 
     rate = check_rate(rate)
     t0 = time.perf_counter()

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.adaptor import check_method, encode_pseudo_queries, pseudo_queries_suit
-from encoders.compress import truncate
-from encoders.encoder import EncoderConfig, load_encoder
-from encoders.errors import InvalidInputError
-from index.hybrid import BM25Index, rrf
-from index.vector import VectorIndex, calibrates_on_queries
-from rag.eval.beir import doc_text, evaluate, load_beir
+from kvrag.encoders.adaptor import check_method, encode_pseudo_queries, pseudo_queries_suit
+from kvrag.encoders.compress import truncate
+from kvrag.encoders.encoder import EncoderConfig, load_encoder
+from kvrag.errors import InvalidInputError
+from kvrag.index.hybrid import BM25Index, rrf
+from kvrag.index.vector import VectorIndex, calibrates_on_queries
+from kvrag.rag.eval.beir import doc_text, evaluate, load_beir
 
 DEFAULT_SPECS = {"float32": "Flat", "int8": "SQ8", "ubinary": "BFlat"}
 

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kernels.ape_attention import ape_attention
+from kvrag.kernels.ape_attention import ape_attention
 
 ATTN_IMPLEMENTATION = "kvrag_ape"
 

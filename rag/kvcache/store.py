@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from encoders.errors import InvalidInputError
-from index.atomic import write_bytes
+from kvrag.atomic import write_bytes
+from kvrag.errors import InvalidInputError
 
 log = logging.getLogger("kvrag.kvcache")
 

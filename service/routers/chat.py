@@ -18,14 +18,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from encoders.errors import KvragError
-from index.collection import Collection
-from rag.generation.generator import SamplingParams, TokenEvent
-from rag.pipeline import RagAnswer, RagPipeline
-from service.deps import State
-from service.errors import ApiError, ClientGone, LimitExceeded, classify, scrub
-from service.routers.collections import check_k, check_query
-from service.schemas import (
+from kvrag.errors import KvragError
+from kvrag.index.collection import Collection
+from kvrag.rag.generation.generator import SamplingParams, TokenEvent
+from kvrag.rag.pipeline import RagAnswer, RagPipeline
+from kvrag.service.deps import State
+from kvrag.service.errors import ApiError, ClientGone, LimitExceeded, classify, scrub
+from kvrag.service.routers.collections import check_k, check_query
+from kvrag.service.schemas import (
     AssistantMessage,
     ChatRequest,
     ChatResponse,
@@ -33,8 +33,8 @@ from service.schemas import (
     Citation,
     Usage,
 )
-from service.state import AppState
-from service.work import model_work, run_model_work
+from kvrag.service.state import AppState
+from kvrag.service.work import model_work, run_model_work
 
 router = APIRouter(tags=["chat"])
 log = logging.getLogger("kvrag.service")

@@ -7,15 +7,15 @@ import time
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from encoders.errors import CollectionNotFoundError
-from index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, validate_name
-from index.hybrid import BM25Index
-from index.job import Document, index_documents
-from index.store import check_metadata
-from index.vector import parse_spec
-from service.deps import State
-from service.errors import ApiError, LimitExceeded
-from service.schemas import (
+from kvrag.errors import CollectionNotFoundError
+from kvrag.index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, validate_name
+from kvrag.index.hybrid import BM25Index
+from kvrag.index.job import Document, index_documents
+from kvrag.index.store import check_metadata
+from kvrag.index.vector import parse_spec
+from kvrag.service.deps import State
+from kvrag.service.errors import ApiError, LimitExceeded
+from kvrag.service.schemas import (
     CollectionCreate,
     CollectionInfo,
     CollectionList,
@@ -27,8 +27,8 @@ from service.schemas import (
     SearchResponse,
     UpsertResult,
 )
-from service.state import AppState
-from service.work import run_model_work
+from kvrag.service.state import AppState
+from kvrag.service.work import run_model_work
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"])
 _SPEC_OF = {"float32": "Flat", "int8": "SQ8", "ubinary": "BFlat"}
@@ -91,12 +91,18 @@ async def create_collection(body: CollectionCreate, state: State) -> CollectionI
         overlap_tokens=body.overlap_tokens,
         bm25_language=body.bm25_language,
     )
-    with state.lock(body.name):
-        if body.name in Collection.list(state.home):  # created meanwhile by another request
-            raise ApiError(409, f"collection {body.name!r} already exists", code="conflict")
-        c = Collection.create(state.home, body.name, config, device=state.settings.device)
-        state.add_collection(c)
-        return info(c)
+
+    def create() -> CollectionInfo:
+        # in a worker thread: the lock may be held by a request on a collection of this name that
+        # is being deleted, and the event loop must not wait for it
+        with state.lock(body.name):
+            if body.name in Collection.list(state.home):  # created meanwhile by another request
+                raise ApiError(409, f"collection {body.name!r} already exists", code="conflict")
+            c = Collection.create(state.home, body.name, config, device=state.settings.device)
+            state.add_collection(c)
+            return info(c)
+
+    return await run_in_threadpool(create)
 
 
 def _check_bm25_language(language: str | None) -> None:

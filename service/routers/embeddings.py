@@ -7,10 +7,10 @@ import base64
 import numpy as np
 from fastapi import APIRouter
 
-from service.deps import State
-from service.errors import ApiError, LimitExceeded
-from service.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, EmbeddingUsage
-from service.work import run_model_work
+from kvrag.service.deps import State
+from kvrag.service.errors import ApiError, LimitExceeded
+from kvrag.service.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, EmbeddingUsage
+from kvrag.service.work import run_model_work
 
 router = APIRouter(tags=["embeddings"])
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from rag.kvcache.store import redact_url
-from service.schemas import Health, Readiness
+from kvrag.rag.kvcache.store import redact_url
+from kvrag.service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from rag.compress import (
+from kvrag.errors import InvalidInputError, ModelNotFoundError
+from kvrag.rag.compress import (
     ClassifierCompressor,
     PromptCompressor,
     SelfInfoCompressor,

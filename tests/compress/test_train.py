@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoders.errors import InvalidInputError, ModelNotFoundError
-from rag.compress import bundled
-from rag.compress.base import split_words
-from rag.compress.train import (
+from kvrag.errors import InvalidInputError, ModelNotFoundError
+from kvrag.rag.compress import bundled
+from kvrag.rag.compress.base import split_words
+from kvrag.rag.compress.train import (
     TEACHER_RATES,
     TopLayers,
     TrainConfig,
@@ -472,7 +472,7 @@ def test_train_report_and_files(trained, tiny_model_dir):
 
 
 def test_trained_folder_loads_as_a_classifier_compressor(trained):
-    from rag.compress import ClassifierCompressor
+    from kvrag.rag.compress import ClassifierCompressor
 
     comp = ClassifierCompressor(trained["out"])
     text = EN_TEXTS[1] + " " + EN_TEXTS[2]
@@ -500,7 +500,7 @@ def test_training_is_reproducible_and_reuses_teacher_labels(
     assert report2["final_loss"] == trained["report"]["final_loss"]
     assert report2["heldout_agreement"] == trained["report"]["heldout_agreement"]
     # Same texts and teacher in a folder that has their labels: the teacher is not run.
-    from rag.generation import generator as generator_module
+    from kvrag.rag.generation import generator as generator_module
 
     class NoTeacher:
         def __init__(self, *a, **kw):
@@ -583,7 +583,7 @@ def test_build_classifier_folder_matches_the_trained_checkpoint(trained, tiny_mo
     rebuilt = logits_of(dest, tokenizer, texts)
     torch.testing.assert_close(rebuilt, want, atol=1e-2, rtol=1e-2)
     # Loads as a compressor, with the keep/drop labels.
-    from rag.compress import ClassifierCompressor
+    from kvrag.rag.compress import ClassifierCompressor
 
     assert ClassifierCompressor(dest).model.config.id2label == {0: "drop", 1: "keep"}
 

@@ -13,11 +13,11 @@ import json
 import numpy as np
 import pytest
 
-from encoders.adaptor import LearnedFit, MatryoshkaAdaptor, similarity_preservation
-from encoders.compress import normalize, truncate
-from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError, KvragError
-from index.collection import Collection, CollectionConfig
-from index.vector import MANIFEST, VectorIndex
+from kvrag.encoders.adaptor import LearnedFit, MatryoshkaAdaptor, similarity_preservation
+from kvrag.encoders.compress import normalize, truncate
+from kvrag.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError, KvragError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.vector import MANIFEST, VectorIndex
 
 D = 96
 
@@ -228,7 +228,7 @@ def test_bad_options_raise_clear_errors(corpus, tmp_path):
 
 
 def test_cli_rotation_and_binary_method_must_agree(monkeypatch):
-    from service import cli
+    from kvrag.service import cli
 
     seen = {}
 
@@ -236,7 +236,7 @@ def test_cli_rotation_and_binary_method_must_agree(monkeypatch):
         seen["cfg"] = cfg
         return {"ok": 1}
 
-    monkeypatch.setattr("rag.eval.retrieval.run_retrieval_eval", fake_run)
+    monkeypatch.setattr("kvrag.rag.eval.retrieval.run_retrieval_eval", fake_run)
     args = cli.build_parser().parse_args(["eval", "retrieval", "--data", ".", "--rotation", "none"])
     assert (args.rotation, args.binary_method, args.adaptor) == ("none", None, "none")
     base = dict(
@@ -293,7 +293,7 @@ def _recall_at_1(adaptor: MatryoshkaAdaptor, queries: np.ndarray, passages: np.n
 
 
 def test_pseudo_query_is_title_else_first_sentence():
-    from encoders.adaptor import pseudo_query
+    from kvrag.encoders.adaptor import pseudo_query
 
     assert pseudo_query("Body text. More.", "  A title ") == "A title"
     assert pseudo_query("Cats purr when content. They also knead.") == "Cats purr when content."
@@ -303,8 +303,8 @@ def test_pseudo_query_is_title_else_first_sentence():
 
 
 def test_pseudo_queries_suit_prose_not_code():
-    from encoders.adaptor import pseudo_queries_suit
-    from encoders.codetext import defines_code
+    from kvrag.encoders.adaptor import pseudo_queries_suit
+    from kvrag.encoders.codetext import defines_code
 
     code = 'def load(path):\n    """Read a JSON file."""\n    return 1\n'
     fragment = "import os\n\nclass LRUCache(dict):\n    size = 3"

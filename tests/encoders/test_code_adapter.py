@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders.code_adapter import (
+from kvrag.encoders.code_adapter import (
     AdapterConfig,
     MiningStats,
     Pair,
@@ -33,7 +33,7 @@ from encoders.code_adapter import (
     train_code_adapter,
     web_query,
 )
-from encoders.errors import InvalidInputError, ModelNotFoundError
+from kvrag.errors import InvalidInputError, ModelNotFoundError
 
 MODULE_A = '''
 import functools
@@ -352,7 +352,7 @@ def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypa
     assert st.prompts.get("query") == "query: "
 
     # the adapter folder itself as an encoder spec: merged into the base it names, once
-    from encoders.models import resolve_model
+    from kvrag.encoders.models import resolve_model
 
     spec_folder = Path(resolve_model(str(out), tmp_path / "models"))
     assert spec_folder.parent == tmp_path / "models" / "adapters"
@@ -375,7 +375,7 @@ def test_adapter_round_trip_and_merged_folder(tiny_model_dir, tmp_path, monkeypa
         (out / name).write_bytes((cfg2.out / name).read_bytes())
     code_encoder_folder(models, tiny_model_dir, out)
     marker = json.loads((folder / "kvrag-adapter.json").read_text())
-    from encoders.code_adapter import adapter_digest
+    from kvrag.encoders.code_adapter import adapter_digest
 
     assert marker["adapter_sha256_16"] == adapter_digest(out)
 
@@ -390,7 +390,7 @@ def test_missing_adapter_says_how_to_train(tmp_path):
 def test_search_style_queries():
     import random
 
-    from encoders.code_adapter import search_query
+    from kvrag.encoders.code_adapter import search_query
 
     def bare(text):  # the query without the language mention, whichever form was drawn
         q = search_query(text, random.Random(0))
@@ -446,7 +446,7 @@ def test_web_queries_and_source_batches(tmp_path):
 def test_hard_negatives_skip_likely_positives(tmp_path, monkeypatch):
     import torch
 
-    import encoders.code_adapter as ca
+    import kvrag.encoders.code_adapter as ca
 
     pairs = [Pair(f"q{i}", f"def f{i}(): pass") for i in range(4)]
     q = torch.nn.functional.normalize(
@@ -546,7 +546,7 @@ def test_distillation_pulls_the_student_towards_the_teacher(tiny_model_dir, tmp_
 
 
 def test_teacher_options_are_checked_before_mining(tmp_path, monkeypatch):
-    import encoders.code_adapter as ca
+    import kvrag.encoders.code_adapter as ca
 
     def no_mining(*a, **k):
         raise AssertionError("mined before checking the teacher options")
@@ -560,7 +560,7 @@ def test_teacher_options_are_checked_before_mining(tmp_path, monkeypatch):
 
 
 def test_generated_queries_replace_the_docstrings(tiny_model_dir, tmp_path, monkeypatch):
-    import encoders.code_adapter as ca
+    import kvrag.encoders.code_adapter as ca
 
     asked: list[list[str]] = []
 

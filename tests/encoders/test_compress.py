@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from encoders.compress import (
+from kvrag.encoders.compress import (
     BinaryCalibration,
     Int8Calibration,
     dequantize_int8,
@@ -20,7 +20,7 @@ from encoders.compress import (
     quantize_ubinary,
     truncate,
 )
-from encoders.errors import DimensionMismatchError, InvalidInputError
+from kvrag.errors import DimensionMismatchError, InvalidInputError
 
 DIM = 64
 OFFSET = 3.0  # a large component shared by every vector, like the common direction of e5 embeddings

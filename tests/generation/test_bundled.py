@@ -23,8 +23,8 @@ OTHER = (
 @pytest.fixture(scope="module")
 def smollm2(models_dir):
     pytest.importorskip("gguf")
-    from rag.generation.bundled import gguf_path
-    from rag.generation.generator import Generator
+    from kvrag.rag.generation.bundled import gguf_path
+    from kvrag.rag.generation.generator import Generator
 
     try:
         gguf_path()
@@ -52,7 +52,7 @@ def test_real_model_one_passage_parallel_equals_sequential(smollm2):
 
 
 def test_real_model_answers_from_cached_passages(smollm2):
-    from rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.generator import SamplingParams
 
     g = smollm2
     passages = [g.passage_ids(t, title) for title, t in (OTHER, PASSAGE)]

@@ -9,6 +9,7 @@ add BATCH vectors under fresh ids, save(). Prints "ready <ntotal>" once the inde
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 
 import numpy as np  # noqa: E402
 
-from index.vector import MANIFEST, VectorIndex  # noqa: E402
+from kvrag.index.vector import MANIFEST, VectorIndex  # noqa: E402
 
 BATCH = 2000
 DIM = 32  # only used when creating a new index
+
+
+def say(line: str) -> None:
+    """One whole line in one write: with PYTHONUNBUFFERED a print is several writes, and a kill
+    between them would leave half a line for the parent to read."""
+    os.write(1, (line + "\n").encode())
 
 
 def main(argv: list[str]) -> None:
@@ -30,12 +37,12 @@ def main(argv: list[str]) -> None:
     vi = VectorIndex.load(folder) if (folder / MANIFEST).exists() else VectorIndex(spec, DIM)
     rng = np.random.default_rng(len(vi.row_ids))
     next_id = int(vi.row_ids.max()) + 1 if len(vi.row_ids) else 0
-    print("ready", vi.ntotal, flush=True)
+    say(f"ready {vi.ntotal}")
     while True:
         vi.add(np.arange(next_id, next_id + BATCH), rng.standard_normal((BATCH, vi.dim), dtype=np.float32))
         vi.save(folder)
         next_id += BATCH
-        print("saved", vi.ntotal, flush=True)
+        say(f"saved {vi.ntotal}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.hamming_topk as hamming_module
-from encoders.compress import normalize, quantize_ubinary
-from encoders.errors import InvalidInputError
-from index.collection import Collection, CollectionConfig
-from index.vector import MANIFEST, VectorIndex
+import kvrag.kernels.hamming_topk as hamming_module
+from kvrag.encoders.compress import normalize, quantize_ubinary
+from kvrag.errors import InvalidInputError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.vector import MANIFEST, VectorIndex
 
 DIM = 64
 NB = 2000

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from index.chunking import Chunk, chunk_document, chunk_lines, chunk_prose, chunk_python, split_sentences
+from kvrag.index.chunking import (
+    Chunk,
+    chunk_document,
+    chunk_lines,
+    chunk_prose,
+    chunk_python,
+    split_sentences,
+)
 
 
 def count(texts):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import CollectionNotFoundError, InvalidInputError
-from index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, Hit
-from index.job import index_paths
+from kvrag.errors import CollectionNotFoundError, InvalidInputError
+from kvrag.index.collection import MAX_QUERY_CHARS, Collection, CollectionConfig, Hit
+from kvrag.index.job import index_paths
 
 DOCS = {
     "en.md": (

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from index.collection import Collection, CollectionConfig
-from index.hybrid import BM25Index
-from index.job import embed_text, recover
-from index.vector import VectorIndex
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.hybrid import BM25Index
+from kvrag.index.job import embed_text, recover
+from kvrag.index.vector import VectorIndex
 
 sys.path.insert(0, str(Path(__file__).parent))
 from upsert_child import DOCS, round_documents  # noqa: E402
@@ -241,7 +241,7 @@ def test_sigkilled_upsert_leaves_every_document_searchable_or_absent(request, tm
         t_done, _ = writers.expect("done", DONE_S)
         duration = t_done - t0
         status, seen = writers.kill()
-        assert os.WIFSIGNALED(status), (status, seen, writers.stderr())
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (status, writers.stderr())
         report, in_between, problems = inspect(home, tiny_encoder, 0, DOCS, full=True)
         assert (in_between, problems) == (0, [])
         assert not any(report.values()), report  # a job that ran to its end leaves nothing to recover

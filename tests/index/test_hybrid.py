@@ -10,9 +10,9 @@ import bm25s
 import numpy as np
 import pytest
 
-from encoders.errors import CorruptIndexError
-from index.collection import Collection, CollectionConfig
-from index.hybrid import BM25Index
+from kvrag.errors import CorruptIndexError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.hybrid import BM25Index
 
 TEXTS = [
     "The harbour is full of fishing boats.",

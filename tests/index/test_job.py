@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders.errors import InvalidInputError
-from index.collection import Collection, CollectionConfig
-from index.hybrid import BM25Index
-from index.job import Document, index_documents, index_paths, read_jsonl, recover, repair
-from index.vector import VectorIndex
+from kvrag.errors import InvalidInputError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.hybrid import BM25Index
+from kvrag.index.job import Document, index_documents, index_paths, read_jsonl, recover, repair
+from kvrag.index.vector import VectorIndex
 
 EN = (
     "# Weather report\n\nThe weather in the north is cold and wet in the winter. The people of the town like to "
@@ -502,7 +502,7 @@ def test_first_batch_calibrates_on_pseudo_queries_of_its_passages(
 ):
     """The batch that calibrates a new index brings pseudo-queries (titles, else first sentences)
     embedded as queries; later batches and indexes that need no calibration bring none."""
-    from index.vector import VectorIndex
+    from kvrag.index.vector import VectorIndex
 
     calls = []
     real_add = VectorIndex.add
@@ -539,7 +539,7 @@ def test_first_batch_calibrates_on_pseudo_queries_of_its_passages(
 
 
 def test_a_code_collection_calibrates_on_its_passages_alone(tmp_path, tiny_encoder, monkeypatch):
-    from index.vector import VectorIndex
+    from kvrag.index.vector import VectorIndex
 
     calls = []
     real_add = VectorIndex.add
@@ -563,9 +563,9 @@ def test_a_code_collection_calibrates_on_its_passages_alone(tmp_path, tiny_encod
 
 
 def test_count_file_kinds_and_the_default_encoder_of_a_new_collection(tmp_path):
-    from index.job import count_file_kinds
-    from service.cli import _default_index_encoder
-    from service.settings import Settings
+    from kvrag.index.job import count_file_kinds
+    from kvrag.service.cli import _default_index_encoder
+    from kvrag.service.settings import Settings
 
     code = tmp_path / "code"
     (code / "pkg").mkdir(parents=True)

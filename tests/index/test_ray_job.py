@@ -19,16 +19,16 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from encoders.encoder import EncoderConfig  # noqa: E402
-from encoders.errors import InvalidInputError  # noqa: E402
-from index import ray_job  # noqa: E402
-from index.collection import Collection, CollectionConfig  # noqa: E402
-from index.job import index_paths  # noqa: E402
-from index.ray_job import KVJobConfig, RayOptions, index_paths_ray  # noqa: E402
-from rag.kvcache.codec import decode_kv  # noqa: E402
-from rag.kvcache.manager import KVCacheManager  # noqa: E402
-from rag.kvcache.store import open_kv_store  # noqa: E402
-from service.cli import main  # noqa: E402
+from kvrag.encoders.encoder import EncoderConfig  # noqa: E402
+from kvrag.errors import InvalidInputError  # noqa: E402
+from kvrag.index import ray_job  # noqa: E402
+from kvrag.index.collection import Collection, CollectionConfig  # noqa: E402
+from kvrag.index.job import index_paths  # noqa: E402
+from kvrag.index.ray_job import KVJobConfig, RayOptions, index_paths_ray  # noqa: E402
+from kvrag.rag.kvcache.codec import decode_kv  # noqa: E402
+from kvrag.rag.kvcache.manager import KVCacheManager  # noqa: E402
+from kvrag.rag.kvcache.store import open_kv_store  # noqa: E402
+from kvrag.service.cli import main  # noqa: E402
 from tests.index.test_job import N_DOCS, write_sources  # noqa: E402
 
 pytestmark = pytest.mark.slow

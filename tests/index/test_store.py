@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from encoders.errors import InvalidInputError
-from index.store import PassageRow, PassageStore
+from kvrag.errors import InvalidInputError
+from kvrag.index.store import PassageRow, PassageStore
 
 
 @pytest.fixture

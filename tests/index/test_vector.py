@@ -22,10 +22,10 @@ from unittest import mock
 import numpy as np
 import pytest
 
-import index.vector as vector_module
-from encoders.compress import normalize, quantize_int8, quantize_ubinary
-from encoders.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
-from index.vector import MANIFEST, VectorIndex, parse_spec
+import kvrag.index.vector as vector_module
+from kvrag.encoders.compress import normalize, quantize_int8, quantize_ubinary
+from kvrag.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
+from kvrag.index.vector import MANIFEST, VectorIndex, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRASH_CHILD = Path(__file__).with_name("crash_child.py")

@@ -6,7 +6,7 @@ Imports everything, builds the encoder from MODEL_DIR once and prints "ready"; t
 commands from stdin:
 
   "upsert ROUND"  forks a writer that opens collection NAME (default "c") in HOME and upserts the
-                  150 documents of that round with `index.job.index_documents` (see
+                  150 documents of that round with `kvrag.index.job.index_documents` (see
                   `round_documents`), so a kill costs no start-up. The writer prints "started PID",
                   "stored N" once N documents of the round are committed to SQLite, "stored 150"
                   when the last one is, then "done" when the job has returned, and waits to be killed.
@@ -69,8 +69,8 @@ def say(fd: int, *words: object) -> None:
 
 
 def writer(home: Path, name: str, rnd: int, encoder, out: int) -> None:
-    from index.collection import Collection
-    from index.job import Document, index_documents
+    from kvrag.index.collection import Collection
+    from kvrag.index.job import Document, index_documents
 
     def documents() -> Iterator[Document]:
         for n, (doc_id, title, text) in enumerate(round_documents(rnd)):
@@ -176,8 +176,8 @@ def main(argv: list[str]) -> None:
     faiss.omp_set_num_threads(1)
     tqdm.std.tqdm.monitor_interval = 0  # no tqdm monitor thread
 
-    import index.job  # noqa: F401 - imported before forking, like everything a writer uses
-    from encoders.encoder import EncoderConfig, SentenceTransformerEncoder
+    import kvrag.index.job  # noqa: F401 - imported before forking, like everything a writer uses
+    from kvrag.encoders.encoder import EncoderConfig, SentenceTransformerEncoder
 
     t0 = time.perf_counter()
     encoder = SentenceTransformerEncoder(EncoderConfig(model=argv[1], batch_tokens=512))

@@ -26,7 +26,7 @@ SUBPROCESS_REASON = "triton was imported without the interpreter in this process
 def kernel_device() -> str:
     """ "cuda" on a GPU machine; "cpu" where this process runs Triton on its interpreter."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-    from kernels._triton import interpreting
+    from kvrag.kernels._triton import interpreting
 
     if torch.cuda.is_available():
         return "cuda"
@@ -38,6 +38,6 @@ def kernel_device() -> str:
 @pytest.fixture
 def no_interpreter(monkeypatch) -> None:
     """Behave as a plain CPU process without the Triton interpreter."""
-    import kernels._triton
+    import kvrag.kernels._triton as triton_mod
 
-    monkeypatch.setattr(kernels._triton, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_mod, "interpreting", lambda: False)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ape_attention as mod
-from kernels.ape_attention import ape_attention, ape_attention_torch, ape_attention_triton
+from kvrag.kernels import ape_attention as mod
+from kvrag.kernels.ape_attention import ape_attention, ape_attention_torch, ape_attention_triton
 
 
 def _inputs(b, hkv, rep, n, q_len, d, *, dtype=torch.float32, seed=0):
@@ -170,7 +170,7 @@ def test_generator_with_the_triton_kernel_matches_the_reference(tiny_generator, 
     reference gives the same logits, and with T = S = 1 still equals sequential encoding."""
     import functools
 
-    import rag.generation.ape as ape_mod
+    import kvrag.rag.generation.ape as ape_mod
 
     gen = tiny_generator
     if kernel_device == "cuda":

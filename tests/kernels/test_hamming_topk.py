@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.compress import quantize_ubinary
-from kernels.hamming_topk import (
+from kvrag.encoders.compress import quantize_ubinary
+from kvrag.kernels.hamming_topk import (
     PAD_DISTANCE,
     PAD_INDEX,
     hamming_topk,
@@ -129,7 +129,7 @@ def test_triton_rejects_blocks_smaller_than_k(kernel_device):
 
 
 def test_auto_uses_the_reference_on_cpu(monkeypatch, no_interpreter):
-    import kernels.hamming_topk as mod
+    import kvrag.kernels.hamming_topk as mod
 
     def boom(*a, **k):
         raise AssertionError("the Triton launcher must not run for CPU tensors")

@@ -20,7 +20,7 @@ FILES = ["test_hamming_topk.py", "test_ape_attention_triton.py", "test_kv_dequan
 
 def test_kernel_tests_pass_under_the_interpreter_in_a_fresh_process():
     pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-    from kernels._triton import interpreting
+    from kvrag.kernels._triton import interpreting
 
     if torch.cuda.is_available() or interpreting():
         pytest.skip("the kernel tests ran in this process")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_dequant import kv_dequant, kv_dequant_torch, kv_dequant_triton
-from rag.kvcache.codec import _quantize, decode_kv, encode_kv
+from kvrag.kernels.kv_dequant import kv_dequant, kv_dequant_torch, kv_dequant_triton
+from kvrag.rag.kvcache.codec import _quantize, decode_kv, encode_kv
 
 
 def _quantized(layers=2, heads=3, tokens=13, head_dim=24, seed=0):
@@ -94,7 +94,7 @@ def test_triton_empty_and_errors(kernel_device):
 
 
 def test_dispatcher_on_cpu_equals_decode_kv(monkeypatch, no_interpreter):
-    import kernels.kv_dequant as mod
+    import kvrag.kernels.kv_dequant as mod
 
     def boom(*a, **k):
         raise AssertionError("the Triton launcher must not run for CPU tensors")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from redis.crc import key_slot
 
-from encoders.errors import InvalidInputError
-from rag.kvcache.manager import KVCacheManager
-from rag.kvcache.store import KVStore, RedisClusterStore, TieredStore, open_kv_store, redact_url
+from kvrag.errors import InvalidInputError
+from kvrag.rag.kvcache.manager import KVCacheManager
+from kvrag.rag.kvcache.store import KVStore, RedisClusterStore, TieredStore, open_kv_store, redact_url
 from tests.kvcache import test_stores as contract
 
 SERVER = shutil.which("redis-server")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.errors import InvalidInputError, KvragError
-from rag.kvcache import (
+from kvrag.errors import InvalidInputError, KvragError
+from kvrag.rag.kvcache import (
     CODECS,
     CorruptBlobError,
     blob_info,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rag.generation.generator import KV, Generator
-from rag.kvcache import FileStore, KVStore, MemoryStore, RedisStore, decode_kv, open_kv_store
-from rag.kvcache.keys import KEY_PREFIX, LAYOUT_VERSION, PassageKVKey
-from rag.kvcache.manager import KVCacheManager
+from kvrag.rag.generation.generator import KV, Generator
+from kvrag.rag.kvcache import FileStore, KVStore, MemoryStore, RedisStore, decode_kv, open_kv_store
+from kvrag.rag.kvcache.keys import KEY_PREFIX, LAYOUT_VERSION, PassageKVKey
+from kvrag.rag.kvcache.manager import KVCacheManager
 
 TEXTS = [
     ("Garden", "The garden is full of roses in the summer and the bees are busy all day long."),
@@ -316,7 +316,7 @@ def test_ensure_in_chunks_and_empty(tiny_generator) -> None:
 
 def test_empty_passage_never_aliases_the_prefix(tiny_generator) -> None:
     """An empty passage has no cache of its own; it must not come back as the prefix's cache."""
-    from encoders.errors import InvalidInputError
+    from kvrag.errors import InvalidInputError
 
     assert tiny_generator.passage_ids("  ", None) == []  # e.g. a whitespace-only piece (WordPiece)
     mgr = KVCacheManager(tiny_generator, MemoryStore(), "fp32")
@@ -398,7 +398,7 @@ def test_blob_under_another_passages_key_is_rejected(tiny_generator, store: KVSt
 
 def test_blob_with_wrong_shape_is_rejected(tiny_generator) -> None:
     """A blob whose digest matches but whose shape does not (e.g. written by a buggy writer)."""
-    from rag.kvcache import encode_kv
+    from kvrag.rag.kvcache import encode_kv
 
     store = MemoryStore()
     mgr = KVCacheManager(tiny_generator, store, "fp32")

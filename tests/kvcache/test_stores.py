@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import InvalidInputError
-from rag.kvcache import (
+from kvrag.errors import InvalidInputError
+from kvrag.rag.kvcache import (
     FileStore,
     KVStore,
     MemoryStore,

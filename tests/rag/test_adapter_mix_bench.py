@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import InvalidInputError
+from kvrag.errors import InvalidInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def mix():
 def _adapter(tiny_model_dir, out: Path, seed: int, rank: int, alpha: int) -> Path:
     import torch
 
-    from encoders.code_adapter import AdapterConfig, add_lora, load_base
+    from kvrag.encoders.code_adapter import AdapterConfig, add_lora, load_base
 
     torch.manual_seed(seed)
     model = add_lora(load_base(tiny_model_dir)[0], AdapterConfig(out=out, rank=rank, alpha=alpha))
@@ -41,7 +41,7 @@ def _adapter(tiny_model_dir, out: Path, seed: int, rank: int, alpha: int) -> Pat
 def _merged(tiny_model_dir, adapter: Path, dest: Path) -> dict:
     from safetensors.torch import load_file
 
-    from encoders.code_adapter import build_merged_folder
+    from kvrag.encoders.code_adapter import build_merged_folder
 
     folder = build_merged_folder(dest, Path(tiny_model_dir), adapter)
     (weights,) = Path(folder).glob("*.safetensors")

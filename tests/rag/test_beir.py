@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import InvalidInputError
-from rag.eval.beir import BeirData, doc_text, evaluate, load_beir
+from kvrag.errors import InvalidInputError
+from kvrag.rag.eval.beir import BeirData, doc_text, evaluate, load_beir
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(

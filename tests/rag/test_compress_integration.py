@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from index.collection import Collection
-from index.store import PassageStore
-from rag.pipeline import passage_text
-from service.cli import main
-from service.runtime import open_generator, open_kv
-from service.settings import get_settings
+from kvrag.index.collection import Collection
+from kvrag.index.store import PassageStore
+from kvrag.rag.pipeline import passage_text
+from kvrag.service.cli import main
+from kvrag.service.runtime import open_generator, open_kv
+from kvrag.service.settings import get_settings
 
 DOCS = {
     "garden.md": "# Garden\n\nThe garden behind the old house is full of red roses in the summer, and the busy"

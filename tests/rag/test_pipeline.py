@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from encoders.errors import InvalidInputError
-from index.collection import Collection, CollectionConfig
-from index.job import Document, index_documents
-from rag.generation.generator import SamplingParams, TokenEvent
-from rag.kvcache import MemoryStore, open_kv_store
-from rag.kvcache.manager import KVCacheManager
-from rag.pipeline import Citation, RagAnswer, RagPipeline
+from kvrag.errors import InvalidInputError
+from kvrag.index.collection import Collection, CollectionConfig
+from kvrag.index.job import Document, index_documents
+from kvrag.rag.generation.generator import SamplingParams, TokenEvent
+from kvrag.rag.kvcache import MemoryStore, open_kv_store
+from kvrag.rag.kvcache.manager import KVCacheManager
+from kvrag.rag.pipeline import Citation, RagAnswer, RagPipeline
 from tests.redis_util import RedisProc, redis_server_binary, start_redis_server
 
 DOCS = [

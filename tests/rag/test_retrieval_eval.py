@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from encoders.encoder import EncoderConfig
-from rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
+from kvrag.encoders.encoder import EncoderConfig
+from kvrag.rag.eval.retrieval import RetrievalEvalConfig, run_retrieval_eval
 from tests.conftest import needs_data
 
 N_DOCS = 48

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders.errors import InvalidInputError
+from kvrag.errors import InvalidInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 

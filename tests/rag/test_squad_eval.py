@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from encoders.errors import InvalidInputError
-from rag.eval.rag import RagEvalConfig, Variant, collection_name, open_eval_collection, run_rag_eval
-from rag.eval.squad import best_score, exact_match, f1_score, load_squad, normalize_answer
-from service.cli import main
+from kvrag.errors import InvalidInputError
+from kvrag.rag.eval.rag import RagEvalConfig, Variant, collection_name, open_eval_collection, run_rag_eval
+from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad, normalize_answer
+from kvrag.service.cli import main
 
 SQUAD = {
     "version": "1.1",
@@ -207,9 +207,9 @@ def test_variants() -> None:
 def test_run_rag_eval_rejects_bad_ranges(
     tmp_path: Path, tiny_encoder, tiny_generator, tiny_model_dir
 ) -> None:
-    from rag.kvcache import MemoryStore
-    from rag.kvcache.manager import KVCacheManager
-    from rag.pipeline import RagPipeline
+    from kvrag.rag.kvcache import MemoryStore
+    from kvrag.rag.kvcache.manager import KVCacheManager
+    from kvrag.rag.pipeline import RagPipeline
 
     data = write_squad(tmp_path)
     home = tmp_path / "home"

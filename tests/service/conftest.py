@@ -16,9 +16,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
-from service.state import AppState
+from kvrag.service.app import create_app
+from kvrag.service.settings import Settings
+from kvrag.service.state import AppState
 
 DOCS = [
     {
@@ -114,7 +114,7 @@ def start_server(env: dict[str, str], *, port: int | None = None, timeout: float
     port = port or free_port()
     full = {**os.environ, **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "kvrag.service.cli", "serve", "--port", str(port), "--log-level", "warning"],
         env=full,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from encoders.errors import CorruptIndexError, InvalidInputError
-from service.app import create_app
-from service.errors import Busy
-from service.gate import ModelGate
-from service.limits import BodyLimitMiddleware
+from kvrag.errors import CorruptIndexError, InvalidInputError
+from kvrag.service.app import create_app
+from kvrag.service.errors import Busy
+from kvrag.service.gate import ModelGate
+from kvrag.service.limits import BodyLimitMiddleware
 from tests.service.conftest import DOCS
 
 DOC_IDS = {d["id"] for d in DOCS}
@@ -749,7 +749,7 @@ def test_chat_stream(client, collection, mode):
 def test_chat_stream_error_after_start_is_reported_in_band(
     client, collection, monkeypatch, exc, message, type_
 ):
-    from rag.pipeline import RagPipeline
+    from kvrag.rag.pipeline import RagPipeline
 
     def broken(self, *a, **kw):
         raise exc
@@ -1204,17 +1204,19 @@ def test_gate_retry_after_grows_with_the_queue():
 @pytest.fixture
 def quiet_client(shared_state):
     """A client that receives 500 answers instead of re-raising the server's exception."""
-    with TestClient(create_app(state=shared_state), raise_server_exceptions=False, base_url="http://localhost") as c:
+    with TestClient(
+        create_app(state=shared_state), raise_server_exceptions=False, base_url="http://localhost"
+    ) as c:
         yield c
 
 
 @pytest.mark.parametrize(
     ("target", "method", "path"),
     [
-        ("service.routers.collections.info", "GET", "/v1/collections/{c}"),
-        ("service.routers.collections._upsert", "POST", "/v1/collections/{c}/documents"),
-        ("service.routers.embeddings.to_precision", "POST", "/v1/embeddings"),
-        ("service.routers.chat._citations", "POST", "/v1/chat/completions"),
+        ("kvrag.service.routers.collections.info", "GET", "/v1/collections/{c}"),
+        ("kvrag.service.routers.collections._upsert", "POST", "/v1/collections/{c}/documents"),
+        ("kvrag.service.routers.embeddings.to_precision", "POST", "/v1/embeddings"),
+        ("kvrag.service.routers.chat._citations", "POST", "/v1/chat/completions"),
     ],
 )
 def test_unexpected_errors_are_500_without_trace(quiet_client, collection, monkeypatch, target, method, path):

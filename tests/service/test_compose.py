@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.settings import Settings
+from kvrag.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -191,7 +191,7 @@ def test_api_requires_an_api_key(services):
 
 
 def test_api_kv_url_is_the_memory_tier_over_the_private_redis(services):
-    from rag.kvcache.store import MemoryStore, RedisStore, TieredStore, open_kv_store
+    from kvrag.rag.kvcache.store import MemoryStore, RedisStore, TieredStore, open_kv_store
 
     raw = env_of(service(services, "api")).get("KVRAG_KV_URL", "")
     assert raw.startswith("memory+redis://"), f"KVRAG_KV_URL must be memory+redis://..., got {raw!r}"

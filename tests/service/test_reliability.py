@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.gate import ModelGate
-from service.work import model_work, run_model_work
+from kvrag.service.gate import ModelGate
+from kvrag.service.work import model_work, run_model_work
 from tests.service.conftest import DOCS, start_server, stop_server
 
 KEY = "reliability-key"
@@ -259,7 +259,7 @@ def test_bytes_are_counted_as_they_arrive(make_client):
 
 
 def test_the_api_key_is_checked_before_the_body_is_read(make_client):
-    from service.limits import ApiKeyMiddleware
+    from kvrag.service.limits import ApiKeyMiddleware
 
     c = make_client(api_key="k")
     read = []
@@ -544,7 +544,7 @@ def test_requests_holding_a_deleted_collection_get_404(client, shared_state):
         assert client.delete(f"/v1/collections/{name}").status_code == 204
         # the holder's collection is still open (not closed under it) but gone for new work
         assert lease.collection.store.counts()["documents"] == len(DOCS)
-        from encoders.errors import CollectionNotFoundError
+        from kvrag.errors import CollectionNotFoundError
 
         with pytest.raises(CollectionNotFoundError), shared_state.locked(lease):
             pass
@@ -615,7 +615,7 @@ def test_a_server_killed_mid_upsert_repairs_on_start(service_env, tmp_path):
     answers (every stored passage back in the vector and BM25 indexes) and says what it repaired."""
     import numpy as np
 
-    from index.collection import Collection
+    from kvrag.index.collection import Collection
 
     env = {**service_env, "KVRAG_HOME": str(tmp_path), "KVRAG_API_KEY": KEY}
     docs = [

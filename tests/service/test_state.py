@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from encoders.encoder import load_encoder
-from index.collection import Collection
-from index.job import Document, index_documents
+from kvrag.encoders.encoder import load_encoder
+from kvrag.index.collection import Collection
+from kvrag.index.job import Document, index_documents
 
 
 def test_search_sees_documents_indexed_by_a_job(client, collection, shared_state) -> None:

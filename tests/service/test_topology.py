@@ -279,7 +279,7 @@ def test_serve_refuses_a_public_bind_without_an_api_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVRAG_")}
     env["KVRAG_HOME"] = str(tmp_path)
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", str(port)]
+    cmd = [sys.executable, "-m", "kvrag.service.cli", "serve", "--host", "0.0.0.0", "--port", str(port)]
     try:
         r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
