@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             compressors[m] = open_compressor(m, generator=gen, keep_digits=args.keep_digits)
             sources[m] = gen.spec
         elif m == "classifier":
-            from kvrag.encoders.models import resolve_model
+            from kvrag.rag.compress.bundled import resolve_compressor
 
-            path = resolve_model(args.compressor_path, settings.models_dir)
+            path = resolve_compressor(args.compressor_path, settings.models_dir)
             compressors[m] = open_compressor(m, path=path, keep_digits=args.keep_digits)
             sources[m] = args.compressor_path
         else:

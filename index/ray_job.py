@@ -432,7 +432,9 @@ def index_paths_ray(
 
     resolve_model(encoder_config.model, encoder_config.models_dir)  # prepares a bundled model once
     if kv is not None:
-        resolve_model(kv.generator, kv.models_dir)
+        from kvrag.rag.generation.bundled import resolve_generator
+
+        resolve_generator(kv.generator, kv.models_dir)
 
     sources = [str(Path(p).expanduser().resolve()) for p in paths]
     prune_sources = [s + (os.sep if Path(s).is_dir() else "") for s in sources] if prune else None

