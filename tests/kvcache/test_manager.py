@@ -87,9 +87,31 @@ def test_key_is_stable_for_equal_inputs() -> None:
     b = PassageKVKey.of("m", "fp16", (1, 2, 3), (4, 5))
     assert a == b
     assert a.digest == b.digest and a.key == b.key
-    assert a.layout == LAYOUT_VERSION
-    assert a.key.startswith(KEY_PREFIX + "p:")
-    assert len(a.digest) == 64 and int(a.digest, 16) >= 0
+    assert a.key == f"{KEY_PREFIX}p:{a.digest}"
+
+
+def test_key_is_the_same_in_another_process() -> None:
+    """Stored caches are shared between processes (the server, indexing jobs, Ray workers): a key
+    must not depend on anything per-process, such as Python's salted `hash()`."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from kvrag.rag.kvcache.keys import PassageKVKey;"
+        "print(PassageKVKey.of('m', 'fp16', [1, 2, 3], [4, 5]).key)"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert keys == {PassageKVKey.of("m", "fp16", [1, 2, 3], [4, 5]).key}
 
 
 @pytest.mark.parametrize(

@@ -875,6 +875,8 @@ def test_chat_seed(client, collection):
 
     assert sampled(7) == sampled(7)
     assert sampled(-(2**63)) == sampled(-(2**63))
+    # and the seed is used: other seeds sample other answers (fixed seeds, so this is deterministic)
+    assert len({sampled(seed) for seed in (1, 2, 3, 4, 7)}) >= 3
     sampled(2**64 - 1)
     for seed in (2**64, -(2**63) - 1, 2**70):
         for stream in (False, True):
