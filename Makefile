@@ -47,8 +47,8 @@ test: setup  ## check the package layout (scripts/check_layout.py) and run the t
 	$(PY) -m pytest -q
 
 lint: setup  ## ruff lint and format check
-	$(VENV)/bin/ruff check kvrag encoders index kernels rag service tests benchmarks examples scripts
-	$(VENV)/bin/ruff format --check kvrag encoders index kernels rag service tests benchmarks examples scripts
+	$(VENV)/bin/ruff check kvrag encoders index kernels rag service training tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check kvrag encoders index kernels rag service training tests benchmarks examples scripts
 
 bench: setup  ## run the benchmarks (JSON on stdout; slow, needs ../shared/data)
 	$(PY) benchmarks/run_all.py

@@ -6,7 +6,7 @@
 Each encoder embeds the corpus (through the embedding cache) and the queries; a query's score for a
 passage is the cosine of their embeddings (exhaustive search, float32). Every encoder alone is the
 baseline; a mix scores w x the first encoder's cosine + (1 - w) x the second's for each `--weights` w
-(0.5 is what `kvrag train code-adapter --teacher A --teacher B` distils from: the teachers' mean).
+(0.5 is what `python -m training.code_adapter --teacher A --teacher B` distils from: the teachers' mean).
 Prints one JSON object: nDCG@10, recall@10 and MRR@10 per setting.
 """
 

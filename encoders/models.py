@@ -6,18 +6,14 @@ nothing on the default path downloads from a model hub.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvrag.encoders.staging import marker_matches, model_lock, staged_folder
 from kvrag.errors import ModelNotFoundError
 
 BUNDLED_PREFIX = "bundled:"
@@ -54,7 +50,7 @@ def _minilm(models_dir: Path) -> Path:
 
 
 def _code_e5(models_dir: Path) -> Path:
-    from kvrag.encoders.code_adapter import ADAPTER_DIR, code_encoder_folder
+    from kvrag.encoders.lora import ADAPTER_DIR, code_encoder_folder
 
     if not (ADAPTER_DIR / "adapter_model.safetensors").is_file():
         raise ModelNotFoundError(
@@ -96,44 +92,6 @@ BUNDLED["code-e5-small"] = BundledModel(
 )
 
 
-@contextlib.contextmanager
-def staged_folder(dest: Path) -> Iterator[Path]:
-    """A temporary folder beside `dest` to build a model in; it replaces `dest` only when the block ends
-    without error, so an interrupted build never leaves a half-written model behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def marker_matches(marker: Path, key: str, digest: str) -> bool:
-    """Whether a build marker (a JSON object) records `digest` under `key`; unreadable means no."""
-    try:
-        return json.loads(Path(marker).read_text(encoding="utf-8")).get(key) == digest
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@contextlib.contextmanager
-def model_lock(models_dir: Path, name: str) -> Iterator[None]:
-    """Serialise preparation of one model across processes (two `kvrag` commands at once)."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def resolve_model(
     spec: str, models_dir: str | os.PathLike, registry: dict[str, BundledModel] | None = None
 ) -> str:
@@ -141,7 +99,7 @@ def resolve_model(
 
     `bundled:NAME` (a model of `registry`, by default the bundled encoders; the generator and the
     compressor packages pass their own) is prepared on first use (that may take a few seconds); a LoRA adapter folder
-    (`kvrag train code-adapter --out DIR`) is merged into its base once; any other existing path is used
+    (`python -m training.code_adapter --out DIR`) is merged into its base once; any other existing path is used
     as is; anything else is passed on as a Hugging Face id (it loads where a hub is reachable).
     """
     spec = spec.strip()
@@ -158,10 +116,10 @@ def resolve_model(
             return str(models[name].prepare(Path(models_dir)))
     path = Path(spec).expanduser()
     if (path / "adapter_config.json").is_file():  # a LoRA adapter: merged into the base it names
-        from kvrag.encoders.code_adapter import adapter_encoder_folder
+        from kvrag.encoders.lora import adapter_encoder_folder
 
         with model_lock(Path(models_dir), "adapters"):
-            return str(adapter_encoder_folder(path.resolve(), Path(models_dir)))
+            return str(adapter_encoder_folder(path.resolve(), Path(models_dir), resolve_model))
     if path.exists():
         return str(path.resolve())
     return spec
@@ -202,4 +160,14 @@ def prepare_all(models_dir: str | os.PathLike, registry: dict[str, BundledModel]
     return out
 
 
-__all__ = ["BUNDLED", "BundledModel", "describe_bundled", "model_fingerprint", "prepare_all", "resolve_model"]
+__all__ = [
+    "BUNDLED",
+    "BundledModel",
+    "describe_bundled",
+    "marker_matches",
+    "model_lock",
+    "staged_folder",
+    "model_fingerprint",
+    "prepare_all",
+    "resolve_model",
+]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvrag.encoders.models import staged_folder
+from kvrag.encoders.staging import staged_folder
 from kvrag.errors import ModelNotFoundError
 
 QK = 32  # weights per Q4_0 block

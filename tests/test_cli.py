@@ -217,3 +217,11 @@ def test_usage_errors_exit_via_argparse(home, capsys):
 def test_failed_first_index_creates_no_collection(home, tmp_path, tiny_model_dir, capsys):
     assert main(index_argv(tiny_model_dir, tmp_path / "typo")) == 2
     assert not (home / "collections" / "t").exists()
+
+
+def test_training_is_not_a_product_command(capsys):
+    """Models are trained from a checkout (`python -m training.code_adapter`, `python -m training.compressor`)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "code-adapter", "--out", "x"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err

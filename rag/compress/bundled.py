@@ -2,7 +2,7 @@
 
 The project carries only what training changed (`models/compressor-e5-small/delta.safetensors`: the
 top encoder layers and the 2-label token head, fp16) and how it was made (`recipe.json`, written by
-`kvrag train compressor`). The checkpoint is the bundled multilingual-e5-small with those tensors put
+`python -m training.compressor`). The checkpoint is the bundled multilingual-e5-small with those tensors put
 in, saved once as an ordinary token-classification folder that `ClassifierCompressor` (or any HF code)
 loads. The folder is rebuilt whenever the committed delta changes.
 """

@@ -1,4 +1,5 @@
-"""Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, Redis Cluster, tiers)."""
+"""Passage KV caches: a checked binary codec and byte-blob stores (memory, files, Redis, Redis Cluster, tiers),
+each a connector chosen by URL scheme (`kvrag.rag.kvcache.connectors`)."""
 
 from kvrag.rag.kvcache.codec import (
     CODECS,
@@ -15,8 +16,10 @@ from kvrag.rag.kvcache.store import (
     MemoryStore,
     RedisClusterStore,
     RedisStore,
+    StoreSpec,
     TieredStore,
     open_kv_store,
+    parse_store_url,
     redact_url,
 )
 
@@ -28,6 +31,7 @@ __all__ = [
     "MemoryStore",
     "RedisClusterStore",
     "RedisStore",
+    "StoreSpec",
     "TieredStore",
     "blob_info",
     "decode_kv",
@@ -35,5 +39,6 @@ __all__ = [
     "encode_kv",
     "kv_nbytes",
     "open_kv_store",
+    "parse_store_url",
     "redact_url",
 ]

@@ -1,5 +1,5 @@
-"""Tests for index.vector: specs, search quality against brute force, deletion, filters, persistence,
-corruption and crash safety.
+"""Tests for index.vector: specs and options, search quality against brute force, deletion, filters,
+persistence, corruption and crash safety.
 
 The data follows faiss contrib/datasets.py SyntheticDataset: seeded gaussian vectors, queries that are
 noisy copies of known database vectors, and exact neighbours computed by brute force with numpy.
@@ -22,10 +22,24 @@ from unittest import mock
 import numpy as np
 import pytest
 
-import kvrag.index.vector as vector_module
+import kvrag.index.vectors.persist as persist_module
 from kvrag.encoders.compress import normalize, quantize_int8, quantize_ubinary
 from kvrag.errors import CorruptIndexError, DimensionMismatchError, InvalidInputError
-from kvrag.index.vector import MANIFEST, VectorIndex, parse_spec
+from kvrag.index.vector import (
+    MANIFEST,
+    STRATEGIES,
+    AdaptorMethod,
+    BinaryMethod,
+    Family,
+    Precision,
+    RescoreCodec,
+    ScanMode,
+    VectorIndex,
+    parse_spec,
+)
+from kvrag.index.vectors.binary import BinaryStrategy
+from kvrag.index.vectors.floating import FloatStrategy
+from kvrag.index.vectors.int8 import Int8Strategy
 
 ROOT = Path(__file__).resolve().parents[2]
 CRASH_CHILD = Path(__file__).with_name("crash_child.py")
@@ -193,6 +207,54 @@ def test_constructor_validation():
         VectorIndex("Flat", 0)
     with pytest.raises(InvalidInputError):
         VectorIndex("Flat", DIM, rescore_with="float16")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("rescore_with", "float16", "unknown rescore_with 'float16': use float32 or int8"),
+        ("rescore_with", None, "unknown rescore_with None: use float32 or int8"),
+        ("binary_method", "pca", "unknown binary_method 'pca': use itq, mean or none"),
+        ("adaptor", "PCA", "unknown adaptor 'PCA': use none, pca or learned"),
+        ("scan", "gpu", "unknown scan 'gpu': use faiss or kernel"),
+    ],
+)
+def test_options_are_refused_at_construction_with_the_accepted_values(option, value, message):
+    with pytest.raises(InvalidInputError) as err:
+        VectorIndex("BFlat", DIM, **{option: value})
+    assert str(err.value) == message
+
+
+def test_options_are_str_enums_equal_to_their_strings():
+    vi = VectorIndex("HNSW8,SQ8", DIM, rescore_with="int8", binary_method="mean", adaptor="pca")
+    assert vi.spec.family is Family.HNSW_SQ8 and vi.spec.family == "hnsw_sq8"
+    assert vi.spec.precision is Precision.INT8 and vi.spec.precision == "int8"
+    assert vi.rescore_with is RescoreCodec.INT8 and vi.rescore_with == "int8"
+    assert vi.binary_method is BinaryMethod.MEAN and vi.adaptor_method is AdaptorMethod.PCA
+    assert vi.scan is ScanMode.FAISS and vi.scan == "faiss"
+    # they format, hash and serialise as the plain strings callers and manifests use
+    assert f"{vi.spec.precision}" == "int8" and {"int8": 1}[vi.spec.precision] == 1
+    assert json.dumps([vi.spec.precision, vi.rescore_with]) == '["int8", "int8"]'
+    assert parse_spec("BIVF4").precision is Precision.UBINARY
+
+
+@pytest.mark.parametrize(
+    ("spec", "strategy"),
+    [
+        ("Flat", FloatStrategy),
+        ("HNSW32", FloatStrategy),
+        ("SQ8", Int8Strategy),
+        ("HNSW16,SQ8", Int8Strategy),
+        ("BFlat", BinaryStrategy),
+        ("BHNSW32", BinaryStrategy),
+        ("BIVF16", BinaryStrategy),
+    ],
+)
+def test_each_precision_has_its_strategy(spec, strategy):
+    vi = VectorIndex(spec, DIM)
+    assert type(vi._family) is strategy and STRATEGIES[vi.spec.precision] is strategy
+    assert vi.spec.family in strategy.families and vi.index is vi._family.index
+    assert vi._family.precision is vi.spec.precision
 
 
 # --- search quality -----------------------------------------------------------------------------
@@ -497,6 +559,20 @@ def test_itq_rotation_and_int8_codes_survive_save_load(data, tmp_path):
     np.testing.assert_allclose(after[0], before[0], atol=1e-6)
 
 
+def test_refitted_rotation_is_saved_under_a_new_name(data, tmp_path):
+    """Calibrating a loaded binary index again changes its rotation: the next save must write it, not
+    keep naming the previous generation's file."""
+    folder = build("BFlat", data, rows=slice(0, 300)).save(tmp_path / "idx")
+    vi = VectorIndex.load(folder)
+    first = read_manifest(folder)["binary"]["rotation"]
+    vi.fit(data.xb[300:600])
+    vi.save()
+    m = read_manifest(folder)
+    assert m["binary"]["rotation"] != first and not (folder / first).exists()
+    np.testing.assert_array_equal(VectorIndex.load(folder).binary.rotation, vi.binary.rotation)
+    assert file_names(folder) == referenced_files(folder)
+
+
 @pytest.mark.parametrize("fail_at", ["write_with", "write_npy", "write_json"])
 def test_interrupted_save_keeps_the_previous_generation(fail_at, data, tmp_path):
     """A save that dies before the manifest is replaced (index file, ids file or manifest write) must
@@ -507,7 +583,7 @@ def test_interrupted_save_keeps_the_previous_generation(fail_at, data, tmp_path)
     before = vi.search(data.xq, 5)
     vi.add(data.ids[1000:1500], data.xb[1000:1500])
     with (
-        mock.patch.object(vector_module, fail_at, side_effect=OSError("simulated crash")),
+        mock.patch.object(persist_module, fail_at, side_effect=OSError("simulated crash")),
         pytest.raises(OSError, match="simulated crash"),
     ):
         vi.save()
@@ -533,7 +609,7 @@ def test_interrupted_save_of_a_new_index_over_an_old_one(data, tmp_path):
     fast("Flat", data, rows=slice(0, 500)).save(folder)
     replacement = fast("Flat", data, rows=slice(500, 1500))
     with (
-        mock.patch.object(vector_module, "write_json", side_effect=OSError("simulated crash")),
+        mock.patch.object(persist_module, "write_json", side_effect=OSError("simulated crash")),
         pytest.raises(OSError),
     ):
         replacement.save(folder)

@@ -1,5 +1,6 @@
 """The Redis Cluster KV store: the store contract on a 3-master cluster started on loopback ports, batches
-grouped per node, URL parsing, and masters killed while a KVCacheManager runs over it."""
+grouped per node (and per slot, counted on the servers), URL parsing, a slot moved behind the store's back,
+and masters killed, hung or failed over while a KVCacheManager runs over it."""
 
 from __future__ import annotations
 
@@ -315,11 +316,80 @@ def test_a_batch_costs_one_round_trip_per_node(
     s.close()
 
 
-def _mget_calls(port: int) -> int:
+def _calls(port: int, command: str) -> int:
+    """How many times the node has run `command` (INFO commandstats)."""
     for line in _cli(port, "info", "commandstats").splitlines():
-        if line.startswith("cmdstat_mget:"):
+        if line.startswith(f"cmdstat_{command}:"):
             return int(line.split("calls=")[1].split(",")[0])
     return 0
+
+
+def _mget_calls(port: int) -> int:
+    return _calls(port, "mget")
+
+
+def _commands_on(ports: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """{port: (MGET calls, GET calls)}."""
+    return {port: (_calls(port, "mget"), _calls(port, "get")) for port in ports}
+
+
+def _slots_per_node(cluster: Cluster, names: Sequence[str]) -> dict[int, int]:
+    """{master port: how many distinct hash slots of `names` it owns}."""
+    owner = _slot_owner(cluster)
+    slots: dict[int, set[int]] = {}
+    for name in names:
+        slots.setdefault(owner(name), set()).add(key_slot(name.encode()))
+    return {port: len(found) for port, found in slots.items()}
+
+
+@needs_cluster
+def test_batched_get_is_one_mget_per_slot_in_one_pipeline(
+    cluster: Cluster, cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server side of a batch: each master runs one MGET per hash slot of the batch it owns, never a
+    GET per key, and the client writes to each master once."""
+    import redis.connection
+
+    writes = {"n": 0}
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self, *args, **kwargs):
+        writes["n"] += 1
+        return send(self, *args, **kwargs)
+
+    s = RedisClusterStore(cluster_url)
+    keys = [f"kvrag:kv:slot:{i}" for i in range(200)] + [f"{{doc-9}}:{i}" for i in range(30)]
+    s.put_many({k: k.encode() for k in keys})
+    masters = sorted(cluster.masters())
+    expected = _slots_per_node(cluster, [s.prefix + k for k in keys])
+    assert sum(expected.values()) < len(keys)  # the hash-tagged keys share one slot
+    before = _commands_on(masters)
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    rt = s.stats()["round_trips"]
+    assert s.get_many(keys) == [k.encode() for k in keys]
+    monkeypatch.undo()
+    after = _commands_on(masters)
+    assert {p: after[p][0] - before[p][0] for p in masters} == expected
+    assert all(after[p][1] == before[p][1] for p in masters)  # no GET at all
+    assert writes["n"] == 3 and s.stats()["round_trips"] - rt == 3
+    s.close()
+
+
+def test_cluster_connector_uses_the_public_cluster_api_only() -> None:
+    """The connector speaks to Redis through `RedisCluster` and its pipelines, not through redis-py's
+    connection or slot-map internals."""
+    from kvrag.rag.kvcache.connectors import redis_cluster
+
+    source = Path(redis_cluster.__file__).read_text(encoding="utf-8")
+    for internal in (
+        "nodes_manager",
+        "send_packed_command",
+        "pack_commands",
+        "parse_response",
+        "connection_pool",
+    ):
+        assert internal not in source, internal
+    assert "client.pipeline()" in source and "get_node_from_key" in source
 
 
 @needs_cluster
@@ -564,6 +634,98 @@ def test_master_killed_without_full_coverage_survivors_still_hit(tiny_generator,
     stats = store.stats()
     assert stats["errors"] >= 2 and stats["skipped"] >= 1 and stats["refreshes"] >= 2
     assert store.ping() is False  # one master does not answer
+    store.close()
+
+
+@needs_cluster
+def test_batches_stay_batched_with_a_master_down(make_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead master costs its keys, not the batch: the surviving masters still get one MGET per slot
+    (no retry per key), and while the dead one is backed off a batch is one write per survivor."""
+    import redis.connection
+
+    cluster = make_cluster(extra=("--cluster-require-full-coverage", "no"))
+    store = RedisClusterStore(cluster.url("timeout=0.5&retry_after=30&prefix=down:"))
+    keys = [f"kvrag:kv:down:{i}" for i in range(120)]
+    store.put_many({k: k.encode() for k in keys})
+    owner = _slot_owner(cluster)
+    victim = owner(store.prefix + keys[0])
+    survivors = [p for p in cluster.masters() if p != victim]
+    lost = {k for k in keys if owner(store.prefix + k) == victim}
+    expected = _slots_per_node(cluster, [store.prefix + k for k in keys if k not in lost])
+    cluster.kill(victim)
+
+    writes = {"n": 0}
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self, *args, **kwargs):
+        writes["n"] += 1
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    for attempt in range(2):  # the call that finds the master dead, then one inside its back-off
+        before, w0, stats0 = _commands_on(survivors), writes["n"], store.stats()
+        got = store.get_many(keys)
+        after, stats = _commands_on(survivors), store.stats()
+        assert got == [None if k in lost else k.encode() for k in keys]
+        assert {p: after[p][0] - before[p][0] for p in survivors} == {p: expected[p] for p in survivors}
+        assert all(after[p][1] == before[p][1] for p in survivors)
+        if attempt == 1:
+            assert writes["n"] - w0 == 2 and stats["round_trips"] - stats0["round_trips"] == 2
+            assert stats["skipped"] - stats0["skipped"] == 1 and stats["errors"] == stats0["errors"]
+    monkeypatch.undo()
+    assert store.stats()["errors"] == 1 and store.stats()["nodes_down"] == [f"127.0.0.1:{victim}"]
+    store.close()
+
+
+@needs_cluster
+def test_a_hung_master_costs_one_timeout_not_one_per_slot(make_cluster) -> None:
+    """A master that stops answering (SIGSTOP: connections are accepted, replies never come) costs the
+    batch one timeout: its commands are not sent again one by one."""
+    cluster = make_cluster(extra=("--cluster-require-full-coverage", "no", "--cluster-node-timeout", "30000"))
+    store = RedisClusterStore(cluster.url("timeout=0.2&retry_after=30&prefix=hang:"))
+    keys = [f"kvrag:kv:hang:{i}" for i in range(90)]
+    store.put_many({k: k.encode() for k in keys})
+    owner = _slot_owner(cluster)
+    victim = owner(store.prefix + keys[0])
+    lost = {k for k in keys if owner(store.prefix + k) == victim}
+    assert _slots_per_node(cluster, [store.prefix + k for k in lost])[victim] >= 15
+    cluster.procs[victim].send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        got = store.get_many(keys)
+        elapsed = time.perf_counter() - t0
+    finally:
+        cluster.procs[victim].send_signal(signal.SIGCONT)
+    assert got == [None if k in lost else k.encode() for k in keys]
+    assert elapsed < 1.0, f"{elapsed:.2f} s: a hung master must cost about one 0.2 s timeout"
+    stats = store.stats()
+    assert stats["errors"] == 1 and stats["nodes_down"] == [f"127.0.0.1:{victim}"]
+    store.close()
+
+
+@needs_cluster
+def test_moved_slot_reads_as_missing_then_a_new_slot_map_serves_it(make_cluster) -> None:
+    """A slot given to another master behind the store's back: the MOVED reply reads as a miss (no
+    error), and the next call loads a new slot map and reaches the new owner."""
+    cluster = make_cluster()
+    store = RedisClusterStore(cluster.url("timeout=0.5&prefix=mv:"))
+    store.put_many({"warm": b"1"})  # the client and its slot map
+    key = "kvrag:kv:moved"
+    name = store.prefix + key
+    slot = key_slot(name.encode())
+    target = next(p for p in cluster.masters() if p != _slot_owner(cluster)(name))
+    target_id = _cli(target, "cluster", "myid").strip()
+    for port in [target, *(p for p in cluster.masters() if p != target)]:
+        assert _cli(port, "cluster", "setslot", str(slot), "node", target_id).strip() == "OK"
+    cluster.wait(lambda: _slot_owner(cluster)(name) == target, "the slot owned by its new master")
+    assert store.get_many([key]) == [None]  # MOVED: a miss, and a new slot map before the next call
+    stats = store.stats()
+    assert (stats["redirects"], stats["errors"], stats["refreshes"]) == (1, 0, 1)
+    store.put_many({key: b"v"})
+    assert store.get_many([key]) == [b"v"]
+    stats = store.stats()
+    assert (stats["redirects"], stats["errors"], stats["refreshes"]) == (1, 0, 2)
+    assert _cli(target, "get", name).strip() == "v"
     store.close()
 
 

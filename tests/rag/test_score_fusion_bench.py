@@ -1,40 +1,35 @@
-"""benchmarks/score_fusion.py on a tiny BEIR set with the tiny random encoder: the ranking helper,
-and the mixes at the end points reproduce each encoder alone."""
+"""benchmarks/score_fusion.py run as a script on a tiny BEIR set with two tiny random encoders: each
+encoder alone matches an in-process evaluation of its cosine ranking, and the mixes at the end points
+reproduce each encoder alone."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvrag.errors import InvalidInputError
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def fusion():
-    spec = importlib.util.spec_from_file_location("score_fusion", ROOT / "benchmarks" / "score_fusion.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = ROOT / "benchmarks" / "score_fusion.py"
+DOCS = [
+    ("d0", "def add(a, b):\n    return a + b"),
+    ("d1", "def read_file(path):\n    return open(path).read()"),
+    ("d2", "def reverse(s):\n    return s[::-1]"),
+    ("d3", "def mean(xs):\n    return sum(xs) / len(xs)"),
+]
+QUERIES = [("q0", "python add two numbers"), ("q1", "read a file python"), ("q2", "reverse string")]
 
 
 def _beir(folder: Path) -> Path:
-    docs = [
-        ("d0", "def add(a, b):\n    return a + b"),
-        ("d1", "def read_file(path):\n    return open(path).read()"),
-        ("d2", "def reverse(s):\n    return s[::-1]"),
-        ("d3", "def mean(xs):\n    return sum(xs) / len(xs)"),
-    ]
-    queries = [("q0", "python add two numbers"), ("q1", "read a file python"), ("q2", "reverse string")]
     (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in DOCS))
     (folder / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries)
+        "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in QUERIES)
     )
     (folder / "qrels" / "test.tsv").write_text(
         "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td2\t1\n"
@@ -42,44 +37,71 @@ def _beir(folder: Path) -> Path:
     return folder
 
 
-def test_ranked_orders_best_first(fusion):
-    s = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
-    assert fusion.ranked(s, ["a", "b", "c"], ["x", "y"], depth=2) == {"x": ["b", "c"], "y": ["a", "c"]}
+@pytest.fixture(scope="module")
+def encoders(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny encoder and a copy of it with other random weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    other = tmp_path_factory.mktemp("tiny-encoder-b")
+    shutil.copytree(tiny_model_dir, other, dirs_exist_ok=True)
+    torch.manual_seed(1)
+    BertModel(BertConfig.from_pretrained(str(tiny_model_dir))).save_pretrained(other)
+    return tiny_model_dir, other
 
 
-class _Fixed:
-    """An encoder that looks its vectors up: passages d0..d3 are the unit axes; queries as given."""
-
-    def __init__(self, queries: dict[str, list[float]], docs: list[str]):
-        self.q, self.docs = queries, docs
-
-    def encode(self, texts, *, kind="passage", **_):
-        if kind == "passage":
-            return np.eye(4, dtype=np.float32)[[self.docs.index(t) for t in texts]]
-        return np.array([self.q[t] for t in texts], dtype=np.float32)
-
-
-def test_each_encoder_alone_and_their_mix(fusion, tmp_path, monkeypatch):
-    import argparse
-
-    data = _beir(tmp_path / "beir")
-    docs = [json.loads(line)["text"] for line in (data / "corpus.jsonl").read_text().splitlines()]
-    q0, q1, q2 = "python add two numbers", "read a file python", "reverse string"
-    # A misses q1 (d2 first, the right d1 second); B misses q0 and q2; the mean of both gets all three
-    a = _Fixed({q0: [1, 0, 0, 0], q1: [0, 0.6, 0.8, 0], q2: [0, 0, 1, 0]}, docs)
-    b = _Fixed({q0: [0.6, 0, 0, 0.8], q1: [0, 1, 0, 0], q2: [0, 0, 0.6, 0.8]}, docs)
-    monkeypatch.setattr(fusion, "load_encoder", lambda cfg: a if cfg.model == "A" else b)
-    out = fusion.run(
-        argparse.Namespace(data=str(data), encoder=["A", "B"], weights=[1.0, 0.5, 0.0], limit=None)
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KVRAG_HOME": str(tmp_path / "home")}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
-    rows = {r["setting"]: r for r in out["settings"]}
+
+
+def _alone(encoder: Path, data: Path) -> dict:
+    """nDCG@10, recall@10 and MRR@10 of one encoder's exhaustive cosine ranking, computed here."""
+    from kvrag.encoders.encoder import EncoderConfig, SentenceTransformerEncoder
+    from kvrag.rag.eval.beir import evaluate
+
+    enc = SentenceTransformerEncoder(EncoderConfig(model=str(encoder)))
+    scores = enc.encode([q for _, q in QUERIES], kind="query") @ enc.encode([t for _, t in DOCS]).T
+    ranking = {
+        qid: [DOCS[i][0] for i in np.argsort(-scores[j], kind="stable")] for j, (qid, _) in enumerate(QUERIES)
+    }
+    qrels = {"q0": {"d0": 1}, "q1": {"d1": 1}, "q2": {"d2": 1}}
+    m = evaluate(ranking, qrels, ks=(10,))
+    return {k: round(m[k], 4) for k in ("ndcg@10", "recall@10", "mrr@10")}
+
+
+def test_each_encoder_alone_and_their_mix(encoders, tmp_path):
+    a, b = encoders
+    data = _beir(tmp_path / "beir")
+    proc = _run(
+        tmp_path,
+        "--data",
+        str(data),
+        "--encoder",
+        str(a),
+        "--encoder",
+        str(b),
+        "--weights",
+        "1.0",
+        "0.5",
+        "0.0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rows = {r.pop("setting"): r for r in out["settings"]}
     assert out["queries"] == 3 and out["docs"] == 4 and len(rows) == 5
-    assert rows["A"]["mrr@10"] == pytest.approx(round(2.5 / 3, 4))
-    assert rows["B"]["mrr@10"] == pytest.approx(round(2 / 3, 4))
-    assert rows["1.0 x A + 0.0 x B"] == {**rows["A"], "setting": "1.0 x A + 0.0 x B"}
-    assert rows["0.0 x A + 1.0 x B"] == {**rows["B"], "setting": "0.0 x A + 1.0 x B"}
-    assert rows["0.5 x A + 0.5 x B"]["ndcg@10"] == 1.0
-    with pytest.raises(InvalidInputError, match="weights"):
-        fusion.run(argparse.Namespace(data=str(data), encoder=["A", "B"], weights=[1.5], limit=None))
-    with pytest.raises(InvalidInputError, match="one or two"):
-        fusion.run(argparse.Namespace(data=str(data), encoder=["A", "B", "A"], weights=[0.5], limit=None))
+    assert rows[str(a)] == _alone(a, data) and rows[str(b)] == _alone(b, data)
+    assert rows[f"1.0 x {a} + 0.0 x {b}"] == rows[str(a)]
+    assert rows[f"0.0 x {a} + 1.0 x {b}"] == rows[str(b)]
+    assert all(0.0 <= v <= 1.0 for r in rows.values() for v in r.values())
+
+
+def test_bad_options_fail(encoders, tmp_path):
+    a, _ = encoders
+    data = _beir(tmp_path / "beir")
+    proc = _run(tmp_path, "--data", str(data), "--encoder", str(a), "--encoder", str(a), "--weights", "1.5")
+    assert proc.returncode != 0 and "--weights must lie in [0, 1]" in proc.stderr
+    proc = _run(tmp_path, "--data", str(data), *["--encoder", str(a)] * 3)
+    assert proc.returncode != 0 and "give one or two --encoder specs" in proc.stderr

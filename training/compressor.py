@@ -1,4 +1,6 @@
-"""Distilling the `selfinfo` compressor into a token classifier (`kvrag train compressor`).
+"""Distilling the `selfinfo` compressor into a token classifier (`bundled:compressor-e5-small`).
+
+    python -m training.compressor --out DIR --scifact 300 --langs es,ru,zh,ar,hi --per-lang 60 [--json]
 
 The teacher (a causal LM's self-information, `SelfInfoCompressor`) scores every word of a passage;
 its keep/drop decisions at rates 0.1, 0.2, ..., 0.9 are averaged into one soft label per word (a word
@@ -20,14 +22,17 @@ the student keeps).
 The result is written twice: a full token-classification checkpoint folder (loadable by
 `ClassifierCompressor` or any HF code), and a small delta file holding only the trained tensors
 (`delta.safetensors`, fp16) with `recipe.json`; `bundled:compressor-e5-small` rebuilds the checkpoint
-from the bundled encoder and that delta.
+from the bundled encoder and that delta (the package keeps only `delta.safetensors` and `recipe.json`,
+in `rag/compress/models/compressor-e5-small/`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -36,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from kvrag.encoders.training import cached_rows, warmup_cosine
 from kvrag.errors import InvalidInputError
 from kvrag.rag.compress.base import char_to_word, mean_per_word, select_words, split_words, token_words
+from training.common import add_common_args, cached_rows, command_line, run_job, warmup_cosine
 
 TEACHER_RATES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
@@ -244,15 +249,15 @@ def agreement(student_p: Sequence[Sequence[float]], teacher: Sequence[Sequence[f
     }
 
 
-def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print) -> dict:
-    """Label, train, measure and save; returns the report (also written to `recipe.json`)."""
+def train_compressor(cfg: TrainConfig, *, models_dir: Path, show_progress: bool = False, log=print) -> dict:
+    """Label, train, measure and save; returns the report (also written to `recipe.json`). `models_dir`
+    holds the prepared bundled models (the encoder and the teacher)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     from kvrag.encoders.models import resolve_model
     from kvrag.rag.compress.selfinfo import SelfInfoCompressor
-    from kvrag.service.settings import get_settings
 
     if cfg.train_layers < 0:
         raise InvalidInputError("--train-layers must be >= 0")
@@ -263,7 +268,7 @@ def train_compressor(cfg: TrainConfig, *, show_progress: bool = False, log=print
     t_start = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    models_dir = get_settings().models_dir
+    models_dir = Path(models_dir)
     enc_path = resolve_model(cfg.encoder, models_dir)
     tokenizer = AutoTokenizer.from_pretrained(enc_path)
     passages = load_passages(cfg.data_dir, cfg.scifact, cfg.langs, cfg.per_lang, cfg.seed)
@@ -465,3 +470,55 @@ def _save_labels(path: Path, texts: Sequence[str], labels: Sequence[Sequence[flo
         for t, lab in zip(texts, labels, strict=True):
             fh.write(json.dumps({"key": _text_key(t, teacher), "labels": list(lab)}) + "\n")
     tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.compressor",
+        description="Distil the selfinfo compressor into a token classifier on the bundled multilingual-e5-small.",
+    )
+    p.add_argument("--data-dir", default="../shared/data", help="folder with scifact/ and xquad/")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, delta.safetensors, recipe.json)")
+    p.add_argument("--scifact", type=int, default=300, help="SciFact abstracts used (the first N)")
+    p.add_argument(
+        "--langs", default="es,ru,zh,ar,hi", help="XQuAD paragraph languages (keep out the evaluated ones)"
+    )
+    p.add_argument("--per-lang", type=int, default=60, help="XQuAD paragraphs per language (a seeded sample)")
+    p.add_argument("--max-length", type=int, default=160, help="encoder tokens per passage")
+    p.add_argument("--train-layers", type=int, default=2, help="top encoder layers trained with the head")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        print(
+            f"error: {data_dir}: no such folder (give --data-dir, the benchmark data folder)", file=sys.stderr
+        )
+        return 2
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        out=Path(args.out),
+        scifact=args.scifact,
+        langs=tuple(x.strip() for x in args.langs.split(",") if x.strip()),
+        per_lang=args.per_lang,
+        max_length=args.max_length,
+        train_layers=args.train_layers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        extra={"command": command_line("training.compressor", argv)},
+    )
+    return run_job(train_compressor, cfg, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Distilling the compressor (`rag.compress.train`) and rebuilding it from a delta (`rag.compress.bundled`),
-on the tiny random BERT encoder and the tiny random Llama teacher."""
+"""Distilling the compressor (`training.compressor`) on the tiny random BERT encoder and the tiny random
+Llama teacher, and the package rebuilding the trained checkpoint from its delta (`rag.compress.bundled`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrag.errors import InvalidInputError, ModelNotFoundError
+from kvrag.errors import InvalidInputError
 from kvrag.rag.compress import bundled
 from kvrag.rag.compress.base import split_words
-from kvrag.rag.compress.train import (
+from training.compressor import (
     TEACHER_RATES,
     TopLayers,
     TrainConfig,
@@ -393,19 +393,18 @@ def tiny_config(data: Path, out: Path, encoder: Path, teacher: Path, **kw) -> Tr
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
-    """One small training run (its folder, report and log), with KVRAG_HOME in a temporary folder."""
+    """One small training run (its folder, report and log), with a models folder of its own."""
     root = tmp_path_factory.mktemp("train")
     data = make_data(root / "data", scifact=[t * 3 for t in EN_TEXTS])
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     messages: list[str] = []
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("KVRAG_HOME", str(root / "home"))
-            report = train_compressor(
-                tiny_config(data, root / "out", tiny_model_dir, tiny_llama_dir),
-                log=lambda *a: messages.append(" ".join(map(str, a))),
-            )
+        report = train_compressor(
+            tiny_config(data, root / "out", tiny_model_dir, tiny_llama_dir),
+            models_dir=root / "models",
+            log=lambda *a: messages.append(" ".join(map(str, a))),
+        )
     finally:
         torch.set_num_threads(before)
     return {"root": root, "data": data, "out": root / "out", "report": report, "log": messages}
@@ -485,11 +484,11 @@ def test_training_is_reproducible_and_reuses_teacher_labels(
     trained, tiny_model_dir, tiny_llama_dir, monkeypatch, one_thread
 ):
     root = trained["root"]
-    monkeypatch.setenv("KVRAG_HOME", str(root / "home"))
     first = load_delta(trained["out"] / "delta.safetensors")
     log2: list[str] = []
     report2 = train_compressor(
         tiny_config(trained["data"], root / "out2", tiny_model_dir, tiny_llama_dir),
+        models_dir=root / "models",
         log=lambda *a: log2.append(" ".join(map(str, a))),
     )
     assert not any("reused" in m for m in log2)  # a new folder: the teacher ran again
@@ -510,16 +509,14 @@ def test_training_is_reproducible_and_reuses_teacher_labels(
     log3: list[str] = []
     train_compressor(
         tiny_config(trained["data"], root / "out2", tiny_model_dir, tiny_llama_dir),
+        models_dir=root / "models",
         log=lambda *a: log3.append(" ".join(map(str, a))),
     )
     assert any("reused" in m for m in log3), log3
 
 
-def test_rerun_with_cached_labels_is_bit_identical(
-    trained, tiny_model_dir, tiny_llama_dir, monkeypatch, one_thread
-):
+def test_rerun_with_cached_labels_is_bit_identical(trained, tiny_model_dir, tiny_llama_dir, one_thread):
     root = trained["root"]
-    monkeypatch.setenv("KVRAG_HOME", str(root / "home"))
     first = load_delta(trained["out"] / "delta.safetensors")
     out3 = root / "out3"
     out3.mkdir()
@@ -527,6 +524,7 @@ def test_rerun_with_cached_labels_is_bit_identical(
     log3: list[str] = []
     train_compressor(
         tiny_config(trained["data"], out3, tiny_model_dir, tiny_llama_dir),
+        models_dir=root / "models",
         log=lambda *a: log3.append(" ".join(map(str, a))),
     )
     assert any("reused" in m for m in log3)
@@ -545,16 +543,17 @@ def test_rerun_with_cached_labels_is_bit_identical(
         (dict(heldout=0.5), "heldout"),
     ],
 )
-def test_train_rejects_bad_settings(trained, tiny_model_dir, tiny_llama_dir, monkeypatch, bad, match):
+def test_train_rejects_bad_settings(trained, tiny_model_dir, tiny_llama_dir, bad, match):
     root = trained["root"]
-    monkeypatch.setenv("KVRAG_HOME", str(root / "home"))
     # The labels are cached in the trained folder's copy, so a bad value is caught without the teacher.
     out = root / f"bad-{next(iter(bad))}-{next(iter(bad.values()))}"
     out.mkdir()
     shutil.copy(trained["out"] / "teacher-labels.jsonl", out / "teacher-labels.jsonl")
     with pytest.raises(InvalidInputError, match=match):
         train_compressor(
-            tiny_config(trained["data"], out, tiny_model_dir, tiny_llama_dir, **bad), log=lambda *a: None
+            tiny_config(trained["data"], out, tiny_model_dir, tiny_llama_dir, **bad),
+            models_dir=root / "models",
+            log=lambda *a: None,
         )
     assert not (out / "delta.safetensors").exists()
 
@@ -586,84 +585,3 @@ def test_build_classifier_folder_matches_the_trained_checkpoint(trained, tiny_mo
     from kvrag.rag.compress import ClassifierCompressor
 
     assert ClassifierCompressor(dest).model.config.id2label == {0: "drop", 1: "keep"}
-
-
-def write_delta(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    return path
-
-
-def test_build_classifier_folder_rejects_bad_deltas(trained, tiny_model_dir, tmp_path):
-    good = load_delta(trained["out"] / "delta.safetensors")
-    dest = tmp_path / "dest"
-    no_weight = write_delta(
-        tmp_path / "a" / "delta.safetensors", {k: v for k, v in good.items() if k != "classifier.weight"}
-    )
-    with pytest.raises(ModelNotFoundError, match="classifier.weight"):
-        bundled.build_classifier_folder(dest, tiny_model_dir, no_weight)
-    wrong_shape = write_delta(
-        tmp_path / "b" / "delta.safetensors",
-        {**good, "classifier.weight": torch.zeros(3, 32, dtype=torch.float16)},
-    )
-    with pytest.raises(ModelNotFoundError, match="does not fit"):
-        bundled.build_classifier_folder(dest, tiny_model_dir, wrong_shape)
-    unknown = write_delta(
-        tmp_path / "c" / "delta.safetensors", {**good, "bert.encoder.layer.7.x": torch.zeros(2)}
-    )
-    with pytest.raises(ModelNotFoundError, match="does not fit"):
-        bundled.build_classifier_folder(dest, tiny_model_dir, unknown)
-    with pytest.raises(ModelNotFoundError, match="missing"):
-        bundled.build_classifier_folder(dest, tiny_model_dir, tmp_path / "absent.safetensors")
-    assert not dest.exists()
-
-
-def test_compressor_folder_rebuilds_only_when_the_delta_changes(
-    trained, tiny_model_dir, tmp_path, monkeypatch
-):
-    delta_dir = tmp_path / "delta"
-    delta_dir.mkdir()
-    delta = delta_dir / "delta.safetensors"
-    shutil.copy(trained["out"] / "delta.safetensors", delta)
-    monkeypatch.setattr(bundled, "DELTA_DIR", delta_dir)
-    models = tmp_path / "models"
-    calls: list[Path] = []
-    real_build = bundled.build_classifier_folder
-
-    def counting_build(dest, encoder_folder, d):
-        calls.append(dest)
-        return real_build(dest, encoder_folder, d)
-
-    monkeypatch.setattr(bundled, "build_classifier_folder", counting_build)
-
-    folder = bundled.compressor_folder(models, tiny_model_dir)
-    assert folder == models / bundled.NAME and (folder / "config.json").is_file()
-    assert len(calls) == 1
-    sentinel = folder / "sentinel.txt"
-    sentinel.write_text("still here", encoding="utf-8")
-    assert bundled.compressor_folder(models, tiny_model_dir) == folder
-    assert len(calls) == 1 and sentinel.is_file()
-
-    # A changed delta (other values, same names and shapes) is rebuilt into the folder.
-    changed = load_delta(delta)
-    changed["classifier.bias"] = changed["classifier.bias"] + 1.0
-    write_delta(delta, changed)
-    assert bundled.compressor_folder(models, tiny_model_dir) == folder
-    assert len(calls) == 2 and not sentinel.exists()
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(str(folder))
-    torch.testing.assert_close(
-        model.classifier.bias.detach().half(), changed["classifier.bias"], atol=0, rtol=0
-    )
-    marker = json.loads((folder / "kvrag-delta.json").read_text(encoding="utf-8"))
-    assert marker["delta_sha256_16"] == bundled.delta_digest(delta)
-
-    # A damaged marker is rebuilt too.
-    (folder / "kvrag-delta.json").write_text("{not json", encoding="utf-8")
-    bundled.compressor_folder(models, tiny_model_dir)
-    assert len(calls) == 3
-    bundled.compressor_folder(models, tiny_model_dir)
-    assert len(calls) == 3
