@@ -435,7 +435,7 @@ def recover(collection: Collection, encoder: Encoder) -> dict[str, Any]:
         "bm25_rebuilt": False,
         "skipped": False,
     }
-    if all(_consistency(collection)):
+    if is_consistent(collection):
         return report
     with collection.writing(blocking=False) as owner:
         if not owner:
@@ -457,6 +457,12 @@ def recover(collection: Collection, encoder: Encoder) -> dict[str, Any]:
         elif collection.bm25_dirty:
             collection.rebuild_bm25()
     return report
+
+
+def is_consistent(collection: Collection) -> bool:
+    """Whether the saved vector and BM25 indexes hold exactly the stored passages (id maps only:
+    cheap). When they do, `recover` has nothing to do and needs no encoder."""
+    return all(_consistency(collection))
 
 
 def _consistency(collection: Collection) -> tuple[bool, bool]:

@@ -200,9 +200,12 @@ class AppState:
         entry = lease._entry
         if entry.checked:
             return
-        from kvrag.index.job import recover
+        from kvrag.index.job import is_consistent, recover
 
         c = entry.collection
+        if is_consistent(c):  # the usual case: no encoder is loaded for it
+            entry.checked = True
+            return
         report = recover(c, self.encoder(c.config.encoder))
         if report.get("skipped"):  # another process is writing it: it repairs at its own end
             return
