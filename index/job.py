@@ -1,4 +1,5 @@
-"""The batch indexing job: read files and JSONL, chunk, store passages, embed, index.
+"""The batch indexing job: read files and JSONL, and run the ingest plan (`index.ingest`) on them in
+this process (the local executor; `index.ray_job` is the other).
 
 Idempotent: a document whose content hash is unchanged is skipped, a changed one is replaced, and
 `prune=True` deletes documents whose source file is gone. Resumable: passages committed to SQLite
@@ -9,23 +10,27 @@ same without waiting for a next run, so that a killed job leaves no stored docum
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kvrag.encoders.adaptor import encode_pseudo_queries, pseudo_queries_suit
 from kvrag.encoders.encoder import Encoder
 from kvrag.errors import CorruptIndexError, InvalidInputError
-from kvrag.index.chunking import chunk_document
 from kvrag.index.collection import Collection
-from kvrag.index.lang import guess_language
-from kvrag.index.vector import calibrates_on_queries
+from kvrag.index.ingest import (
+    GROUP_PASSAGES,
+    Compression,
+    Document,
+    IngestPlan,
+    JobReport,
+    KVPrecompute,
+    PassageCompressor,
+)
 
 TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
 CODE_SUFFIXES = {
@@ -53,48 +58,7 @@ CODE_SUFFIXES = {
     ".r": "r",
 }
 MAX_FILE_BYTES = 10_000_000
-MAX_DOC_CHARS = 2_000_000
 CALIBRATION_PASSAGES = 256  # passages a repair calibrates a new index on (the job's first batch)
-
-
-@dataclass
-class Document:
-    """A document to index: its own id, text, and what citations and filters need."""
-
-    id: str
-    text: str
-    title: str | None = None
-    source: str | None = None
-    kind: str = "text"  # text | python | code
-    lang: str | None = None
-    metadata: dict = field(default_factory=dict)
-
-    def content_hash(self, chunking: str) -> str:
-        payload = json.dumps(
-            [self.text, self.title, self.kind, self.lang, self.metadata, chunking],
-            sort_keys=True,
-            ensure_ascii=False,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
-
-
-@dataclass
-class JobReport:
-    """What a run did; printed as JSON by `kvrag index --json`."""
-
-    collection: str
-    documents_seen: int = 0
-    added: int = 0
-    replaced: int = 0
-    unchanged: int = 0
-    pruned: int = 0
-    passages_added: int = 0
-    passages_removed: int = 0
-    repaired: int = 0
-    skipped_files: list[str] = field(default_factory=list)
-    documents: int = 0
-    passages: int = 0
-    seconds: float = 0.0
 
 
 def read_jsonl(path: Path) -> Iterator[Document]:
@@ -197,183 +161,108 @@ def _markdown_title(text: str) -> str | None:
     return None
 
 
-def embed_text(title: str | None, text: str, kind: str) -> str:
-    """What the encoder sees for a passage: prose gets its document title in front (as BEIR/MTEB do)."""
-    return f"{title} {text}" if title and kind == "text" else text
-
-
-def triage(
-    doc: Document,
-    collection: Collection,
-    known: dict[str, str],
-    seen: set[str],
-    chunking: str,
-    report: JobReport,
-) -> str | None:
-    """The checks every engine makes on a document before chunking it: ids unique within the run, an
-    emptied document's old passages removed, the size limit, unchanged content skipped. Returns the
-    content hash when the document must be (re)chunked, else None."""
-    report.documents_seen += 1
-    if doc.id in seen:
-        raise InvalidInputError(f"document id {doc.id!r} appears twice in this run: ids must be unique")
-    seen.add(doc.id)
-    if not doc.text.strip():
-        if doc.id in known:  # emptied since the last run: its old passages must go
-            removed = collection.store.delete_documents([doc.id])
-            index = collection.index
-            report.passages_removed += index.remove(removed) if index is not None else 0
-            report.pruned += 1
-            collection.bm25_dirty = True
-        report.skipped_files.append(f"{doc.id} (empty)")
-        return None
-    if len(doc.text) > MAX_DOC_CHARS:
-        raise InvalidInputError(
-            f"document {doc.id!r} has {len(doc.text)} characters; split it below {MAX_DOC_CHARS}"
-        )
-    digest = doc.content_hash(chunking)
-    if known.get(doc.id) == digest:
-        report.unchanged += 1
-        return None
-    return digest
-
-
 def index_documents(
     collection: Collection,
-    docs: Iterator[Document],
+    docs: Iterable[Document],
     encoder: Encoder,
     *,
     prune_sources: list[str] | None = None,
-    batch_docs: int = 256,
+    batch_docs: int = GROUP_PASSAGES,
     show_progress: bool = False,
     report: JobReport | None = None,
+    compression: Compression | None = None,
+    compressor: PassageCompressor | None = None,
+    kv: KVPrecompute | None = None,
+    everything: bool = False,
 ) -> JobReport:
-    """Bring the collection in line with `docs` (see module docstring), holding its writer lock."""
+    """The local executor: every step of the ingest plan (`index.ingest`) in this process, holding
+    the collection's writer lock.
+
+    `compression` changes the collection's compression settings (None keeps the recorded ones);
+    `compressor` makes the compressed texts (None leaves passages uncompressed for now: their KV is
+    then computed from the original text, as the query side will look it up); `kv` stores the
+    passage KV caches; `everything` (a full job rather than an upsert) also compresses and caches
+    passages an earlier run left without, not only this run's new ones. `batch_docs` passages form
+    one vector group."""
     with collection.writing():
-        return _index_documents(
-            collection,
-            docs,
-            encoder,
-            prune_sources=prune_sources,
-            batch_docs=batch_docs,
-            show_progress=show_progress,
-            report=report,
-        )
+        plan = IngestPlan(collection, compression=compression, report=report)
+        t0 = time.perf_counter()
+        _store_and_embed(plan, docs, encoder, batch_docs, show_progress)
+        if prune_sources is not None:
+            plan.prune(prune_sources)
+        repaired = repair(collection, encoder)
+        if compressor is not None:
+            ids, texts = plan.compression_todo(everything=everything)
+            plan.report.compression = compress_passages(plan, compressor, ids, texts, show_progress)
+        if kv is not None:
+            items = plan.kv_items(plan.kv_ids(everything=everything))
+            plan.report.kv = kv.ensure_texts(items, progress=show_progress)
+        plan.finish(repaired)
+        plan.report.seconds = round(time.perf_counter() - t0, 3)
+        return plan.report
 
 
-def _index_documents(
-    collection: Collection,
-    docs: Iterator[Document],
-    encoder: Encoder,
-    *,
-    prune_sources: list[str] | None,
-    batch_docs: int,
-    show_progress: bool,
-    report: JobReport | None,
-) -> JobReport:
-    import time
-
+def _store_and_embed(
+    plan: IngestPlan, docs: Iterable[Document], encoder: Encoder, group: int, show_progress: bool
+) -> None:
+    """triage -> rows -> store for each document, embedding the new passages in groups."""
     from tqdm.auto import tqdm
 
-    cfg = collection.config
-    report = report or JobReport(collection.name)
-    t0 = time.perf_counter()
-    chunking = f"{cfg.max_tokens}/{cfg.overlap_tokens}"
-    known = collection.store.document_hashes()
-    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
-    seen: set[str] = set()
-    pending: list[tuple[int, str]] = []  # (passage id, embed text)
-    bar = tqdm(desc=f"index {collection.name}", unit="doc", disable=not show_progress)
+    pending: list[int] = []
+    # the index exists from the start (an empty collection keeps an empty index once committed);
+    # the encoder is asked for the dimension it takes (truncated, or full before an adaptor)
+    index = plan.collection.ensure_index(
+        plan.config.dim or encoder.dim, input_dim=plan.input_dim(encoder.dim)
+    )
+    dim = index.input_dim
 
     def flush() -> None:
-        if not pending:
-            return
-        ids = [pid for pid, _ in pending]
-        vecs = encoder.encode(
-            [t for _, t in pending], kind="passage", dim=index.input_dim, show_progress=False
-        )
-        fit_queries = None
-        if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
-            # the first batch calibrates the index: with pseudo-queries made from its own passages
-            passages = calibration_passages(collection, ids)
-            if passages is not None:
-                fit_queries = encode_pseudo_queries(encoder, passages, dim=index.input_dim)
-        index.add(np.array(ids, dtype=np.int64), vecs, fit_queries=fit_queries)
-        report.passages_added += len(pending)
-        pending.clear()
+        if pending:
+            vecs = encoder.encode(plan.embed_texts(pending), kind="passage", dim=dim, show_progress=False)
+            plan.add_vectors(pending, vecs, lambda: encoder)
+            pending.clear()
 
-    for doc in docs:
-        bar.update(1)
-        digest = triage(doc, collection, known, seen, chunking, report)
-        if digest is None:
-            continue
-        chunks = chunk_document(
-            doc.text,
-            kind=doc.kind,
-            count_tokens=encoder.count_tokens,  # type: ignore[arg-type]
-            max_tokens=cfg.max_tokens,
-            overlap_tokens=cfg.overlap_tokens,
-        )
-        doc_lang = doc.lang or (guess_language(doc.text) if doc.kind == "text" else None)
-        rows = [
-            {
-                "text": c.text,
-                "start": c.start,
-                "end": c.end,
-                "kind": c.kind,
-                "title": c.title,
-                "lang": doc_lang if doc.kind != "text" else (doc.lang or guess_language(c.text) or doc_lang),
-                "content_hash": hashlib.sha256(c.text.encode()).hexdigest(),
-            }
-            for c in chunks
-        ]
-        removed, added = collection.store.replace_document(
-            {
-                "id": doc.id,
-                "source": doc.source,
-                "title": doc.title,
-                "content_hash": digest,
-                "metadata": doc.metadata,
-            },
-            rows,
-        )
-        report.replaced += doc.id in known
-        report.added += doc.id not in known
-        report.passages_removed += index.remove(removed)
-        pending.extend(
-            (pid, embed_text(doc.title, r["text"], r["kind"])) for pid, r in zip(added, rows, strict=True)
-        )
-        collection.bm25_dirty = True
-        if len(pending) >= batch_docs:
-            flush()
-    flush()
-    bar.close()
-
-    if prune_sources is not None:
-        gone = [
-            d
-            for src in prune_sources
-            for d in collection.store.document_hashes(src, exact=not src.endswith(os.sep))
-            if d not in seen
-        ]
-        if gone:
-            report.passages_removed += index.remove(collection.store.delete_documents(gone))
-            report.pruned = len(gone)
-            collection.bm25_dirty = True
-    report.repaired = repair(collection, encoder)
-    collection.commit()
-    report.documents, report.passages = collection.store.counts().values()
-    report.seconds = round(time.perf_counter() - t0, 3)
-    return report
+    with tqdm(desc=f"index {plan.collection.name}", unit="doc", disable=not show_progress) as bar:
+        for doc in docs:
+            bar.update(1)
+            digest = plan.triage(doc)
+            if digest is None:
+                continue
+            pending += plan.store_document(doc, digest, plan.rows(doc, encoder.count_tokens))
+            if len(pending) >= group:
+                flush()
+        flush()
 
 
-def calibration_passages(collection: Collection, ids: list[int]) -> list[tuple[str, str | None]] | None:
-    """The (text, title) of the stored passages of the one batch that calibrates a new index, whose
-    pseudo-queries (`encoders.adaptor.encode_pseudo_queries`) are fitted with them; None when the batch
-    is mostly source code, which calibrates on its passages alone (`encoders.adaptor.pseudo_queries_suit`)."""
-    rows = {r.id: r for r in collection.store.passages(ids)}
-    if not pseudo_queries_suit([r.text for r in rows.values()], [r.kind for r in rows.values()]):
-        return None
-    return [(rows[i].text, rows[i].title or rows[i].doc_title) if i in rows else ("", None) for i in ids]
+def compress_passages(
+    plan: IngestPlan,
+    compressor: PassageCompressor,
+    ids: list[int],
+    texts: list[str],
+    show_progress: bool = False,
+    batch: int = 64,
+) -> dict:
+    """The compress step: compressed texts for `ids` (their original `texts`), stored in batches."""
+    from tqdm.auto import tqdm
+
+    assert plan.compression is not None
+    rate = plan.compression.rate
+    t0 = time.perf_counter()
+    with tqdm(total=len(ids), desc="compressing", unit="passage", disable=not show_progress) as bar:
+        for start in range(0, len(ids), batch):
+            chunk = texts[start : start + batch]
+            out = compressor.compress(chunk, rate=rate)
+            if len(out) != len(chunk):
+                raise RuntimeError(f"the compressor returned {len(out)} texts for {len(chunk)}")
+            plan.store.set_compressed(dict(zip(ids[start : start + batch], out, strict=True)))
+            bar.update(len(chunk))
+    return {
+        "method": plan.compression.method,
+        "rate": float(rate),
+        "compressed": len(ids),
+        "reused": plan.store.counts()["passages"] - len(ids),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _input_dim(collection: Collection, encoder: Encoder) -> int | None:
@@ -392,27 +281,18 @@ def _sync_vectors(collection: Collection, encoder: Encoder) -> tuple[int, int]:
     calibrated on the first passages as the job's first batch would have been."""
     cfg = collection.config
     index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
-    stored = set(collection.store.passage_ids())
-    indexed = set(index.row_ids[index.row_ids >= 0].tolist())
-    orphans = sorted(indexed - stored)
-    missing = sorted(stored - indexed)
+    stored = collection.stored_ids()
+    indexed = index.row_ids[index.row_ids >= 0]
+    orphans = np.setdiff1d(indexed, stored).tolist()
+    missing = np.setdiff1d(stored, indexed).tolist()
     index.remove(orphans)
     if missing:
-        rows = collection.store.passages(missing)
-        texts = [embed_text(r.doc_title, r.text, r.kind) for r in rows]
-        ids = np.array([r.id for r in rows], dtype=np.int64)
-        vecs = encoder.encode(texts, kind="passage", dim=index.input_dim)
-        first = 0
-        if not index.fitted and calibrates_on_queries(cfg.adaptor, index.spec.precision):
-            first = min(len(ids), CALIBRATION_PASSAGES)
-            passages = calibration_passages(collection, ids[:first].tolist())
-            fit_queries = (
-                encode_pseudo_queries(encoder, passages, dim=index.input_dim)
-                if passages is not None
-                else None
-            )
-            index.add(ids[:first], vecs[:first], fit_queries=fit_queries)
-        index.add(ids[first:], vecs[first:])
+        plan = IngestPlan(collection)
+        vecs = encoder.encode(plan.embed_texts(missing), kind="passage", dim=index.input_dim)
+        first = len(missing) if index.fitted else min(len(missing), CALIBRATION_PASSAGES)
+        plan.add_vectors(missing[:first], vecs[:first], lambda: encoder)
+        if first < len(missing):
+            plan.add_vectors(missing[first:], vecs[first:], lambda: encoder)
         collection.bm25_dirty = True
     return len(orphans), len(missing)
 
@@ -486,19 +366,32 @@ def index_paths(
     *,
     prune: bool = False,
     show_progress: bool = False,
+    compression: Compression | None = None,
+    compressor: PassageCompressor | None = None,
+    kv: KVPrecompute | None = None,
 ) -> JobReport:
-    """`kvrag index`: index files, folders and JSONL into the collection."""
+    """`kvrag index`: index files, folders and JSONL into the collection (a full job: see
+    `index_documents` for the compression and KV options)."""
     report = JobReport(collection.name)
-    sources = [str(Path(p).expanduser().resolve()) for p in paths]
     for p in paths:
         if not Path(p).expanduser().exists():
             raise InvalidInputError(f"{p}: no such file or folder")
-    prune_sources = [s + (os.sep if Path(s).is_dir() else "") for s in sources] if prune else None
     return index_documents(
         collection,
         iter_documents(list(paths), report.skipped_files),
         encoder,
-        prune_sources=prune_sources,
+        prune_sources=prune_sources(paths) if prune else None,
         show_progress=show_progress,
         report=report,
+        compression=compression,
+        compressor=compressor,
+        kv=kv,
+        everything=True,
     )
+
+
+def prune_sources(paths: Iterable[str | Path]) -> list[str]:
+    """The sources `prune` compares stored documents with: resolved paths, folders ending with the
+    path separator (a stored source under one is pruned when its file is gone)."""
+    sources = [str(Path(p).expanduser().resolve()) for p in paths]
+    return [s + (os.sep if Path(s).is_dir() else "") for s in sources]

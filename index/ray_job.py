@@ -38,8 +38,6 @@ the serving side computes them) and ask for a GPU share when that device is CUDA
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import time
 import warnings
@@ -54,13 +52,18 @@ import numpy as np
 from kvrag import errors
 from kvrag.encoders.encoder import EncoderConfig
 from kvrag.errors import InvalidInputError, KvragError
-from kvrag.index.chunking import chunk_document
 from kvrag.index.collection import Collection
-from kvrag.index.job import Document, JobReport, calibration_passages, embed_text, iter_documents, triage
-from kvrag.index.lang import guess_language
-from kvrag.index.vector import calibrates_on_queries
-
-FLUSH_PASSAGES = 256  # the local job's vector batch: vectors are added to the index in the same groups
+from kvrag.index.ingest import (
+    GROUP_PASSAGES,
+    Compression,
+    Document,
+    IngestPlan,
+    JobReport,
+    embed_text,
+    kv_text,
+    passage_rows,
+)
+from kvrag.index.job import compress_passages, iter_documents, prune_sources
 
 
 class RayNotInstalledError(KvragError):
@@ -91,6 +94,7 @@ class KVJobConfig:
     device: str = "cpu"
     prompt: str = "chat"
     batch_tokens: int = 4096
+    compression: Compression | None = None  # the collection's; flagged passages are compressed first
 
 
 @dataclass(frozen=True)
@@ -130,28 +134,6 @@ def _set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
-
-
-def passage_rows(
-    text: str, kind: str, lang: str | None, count_tokens, max_tokens: int, overlap_tokens: int
-) -> list[dict]:
-    """A document's passages as the local job stores them (text, offsets, kind, title, lang, hash)."""
-    chunks = chunk_document(
-        text, kind=kind, count_tokens=count_tokens, max_tokens=max_tokens, overlap_tokens=overlap_tokens
-    )
-    doc_lang = lang or (guess_language(text) if kind == "text" else None)
-    return [
-        {
-            "text": c.text,
-            "start": c.start,
-            "end": c.end,
-            "kind": c.kind,
-            "title": c.title,
-            "lang": doc_lang if kind != "text" else (lang or guess_language(c.text) or doc_lang),
-            "content_hash": hashlib.sha256(c.text.encode()).hexdigest(),
-        }
-        for c in chunks
-    ]
 
 
 _CHUNK_COLUMNS = ("i", "n", "ord", "text", "start", "end", "kind", "title", "lang", "content_hash")
@@ -237,7 +219,9 @@ class _Embedder:
 
 
 class _KVWriter:
-    """Computes the passage KV caches missing from the store and writes them there; drops the texts."""
+    """The compress and KV steps: compresses the rows flagged `compress` (their compressed texts go
+    back to the driver, which stores them), then computes the passage KV caches missing from the
+    store from `kv_text` of each row and writes them there; drops the texts."""
 
     def __init__(self, kv: KVJobConfig, threads: int):
         from kvrag.rag.generation.generator import Generator
@@ -249,27 +233,47 @@ class _KVWriter:
         self.manager = KVCacheManager(
             self.generator, open_kv_store(kv.url), kv.codec, batch_tokens=kv.batch_tokens
         )
+        self.compression = kv.compression
+        self.compressor = None
+        if kv.compression is not None:
+            from kvrag.rag.compress import open_from_source
+
+            c = kv.compression
+            self.compressor = open_from_source(
+                c.method,
+                c.source or self.generator.spec,
+                models_dir=kv.models_dir,
+                device=kv.device,
+                generator=self.generator,
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        g = self.generator
-        pieces = [g.passage_ids(str(t), _opt(d)) for t, d in zip(batch["text"], batch["dtitle"], strict=True)]
+        texts = [str(t) for t in batch["text"]]
+        compressed = [_opt(c) for c in batch["compressed"]]
+        flags = np.asarray(batch["compress"], dtype=bool)
+        if flags.any() and self.compressor is not None:
+            todo = [t for t, f in zip(texts, flags, strict=True) if f]
+            out = iter(self.compressor.compress(todo, rate=self.compression.rate))  # type: ignore[union-attr]
+            compressed = [next(out) if f else c for c, f in zip(compressed, flags, strict=True)]
+        items = [(kv_text(t, c), _opt(d)) for t, c, d in zip(texts, compressed, batch["dtitle"], strict=True)]
         errors = self.manager.store.stats().get("errors", 0)
-        done = self.manager.ensure(pieces) if pieces else {}
-        n = len(pieces)
-        out = {k: v for k, v in batch.items() if k not in ("text", "dtitle", "etext")}
+        done = self.manager.ensure_texts(items)
+        n = len(items)
+        out_cols = {k: v for k, v in batch.items() if k not in ("text", "dtitle", "etext", "compressed")}
+        out_cols["compressed"] = np.asarray(compressed, dtype=object)
         for col, key in (
             ("kv_present", "kv_present"),
             ("kv_computed", "kv_computed"),
             ("kv_bytes", "kv_bytes_written"),
         ):
-            out[col] = np.zeros(n, dtype=np.int64)
+            out_cols[col] = np.zeros(n, dtype=np.int64)
             if n:
-                out[col][0] = done.get(key, 0)  # per-batch figures ride on the batch's first row
-        out["kv_errors"] = np.zeros(n, dtype=np.int64)
+                out_cols[col][0] = done.get(key, 0)  # per-batch figures ride on the batch's first row
+        out_cols["kv_errors"] = np.zeros(n, dtype=np.int64)
         if n:
-            out["kv_errors"][0] = self.manager.store.stats().get("errors", 0) - errors
-        return _with_seconds(out, "t_kv", time.perf_counter() - t0)
+            out_cols["kv_errors"][0] = self.manager.store.stats().get("errors", 0) - errors
+        return _with_seconds(out_cols, "t_kv", time.perf_counter() - t0)
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -394,12 +398,15 @@ def index_paths_ray(
     options: RayOptions | None = None,
     show_progress: bool = False,
     stats: dict | None = None,
+    compression: Compression | None = None,
 ) -> tuple[JobReport, dict | None]:
     """`kvrag index --engine ray`: index files, folders and JSONL into the collection (see module
     docstring); returns the job report and, with `kv`, the passage-KV report.
 
-    `stats`, when given, receives timings: Ray start, the wall time of each pipeline, and the time
-    the chunking, encoder and KV actors spent working (summed over actors), with passage counts."""
+    `compression` changes the collection's compression settings (None keeps the recorded ones);
+    the passages lacking a compressed text are compressed in the KV actors (on the driver with no
+    `kv`). `stats`, when given, receives timings: Ray start, the wall time of each pipeline, and the
+    time the chunking, encoder and KV actors spent working (summed over actors), with passage counts."""
     options = options or RayOptions()
     stats = {} if stats is None else stats
     report = JobReport(collection.name)
@@ -436,53 +443,60 @@ def index_paths_ray(
 
         resolve_generator(kv.generator, kv.models_dir)
 
-    sources = [str(Path(p).expanduser().resolve()) for p in paths]
-    prune_sources = [s + (os.sep if Path(s).is_dir() else "") for s in sources] if prune else None
     docs = iter_documents(list(paths), report.skipped_files)
-    kv_report: dict | None = None
     t_ray = time.perf_counter()
     with collection.writing():  # the driver is the collection's one writer for the whole run
+        plan = IngestPlan(collection, compression=compression, report=report)
+        if kv is not None:
+            kv = replace(kv, compression=plan.compression)
         with ray_session(options.address, options.num_cpus) as ray, _data_context(ray, show_progress):
             stats["ray_start_seconds"] = round(time.perf_counter() - t_ray, 3)
             stats["cluster_cpus"] = ray.cluster_resources().get("CPU", 0.0)
-            groups, seen = _chunk_and_store(ray, collection, docs, encoder_config, options, report, stats)
-            if prune_sources is not None:
-                _prune(collection, prune_sources, seen, report)
-            kv_totals = _embed_and_store_kv(
-                ray, collection, groups, encoder_config, kv, options, report, stats
-            )
-        collection.commit()
-    report.documents, report.passages = collection.store.counts().values()
+            groups = _chunk_and_store(ray, plan, docs, encoder_config, options, stats)
+            if prune:
+                plan.prune(prune_sources(paths))
+            kv_totals, repaired = _embed_and_store_kv(ray, plan, groups, encoder_config, kv, options, stats)
+        if kv is None and plan.compression is not None:
+            _compress_on_driver(plan, encoder_config, show_progress)
+        plan.finish(repaired)
     report.seconds = round(time.perf_counter() - t0, 3)
-    if kv is not None:
-        kv_report = {**kv_totals, "codec": kv.codec, "url": store_url}
+    kv_report = {**kv_totals, "codec": kv.codec, "url": store_url} if kv is not None else None
     return report, kv_report
+
+
+def _compress_on_driver(plan: IngestPlan, encoder_config: EncoderConfig, show_progress: bool) -> None:
+    """The compress step without KV actors to run it (`--no-kv`): here, as the local engine does."""
+    ids, texts = plan.compression_todo(everything=True)
+    if not ids:
+        return
+    from kvrag.rag.compress import open_from_source
+
+    c = plan.compression
+    assert c is not None and c.source is not None
+    compressor = open_from_source(c.method, c.source, models_dir=encoder_config.models_dir)
+    plan.report.compression = compress_passages(plan, compressor, ids, texts, show_progress)
 
 
 def _chunk_and_store(
     ray: Any,
-    collection: Collection,
+    plan: IngestPlan,
     docs: Iterator[Document],
     encoder_config: EncoderConfig,
     options: RayOptions,
-    report: JobReport,
     stats: dict,
-) -> tuple[list[list[int]], set[str]]:
-    """Pipeline 1 and the SQLite writes; returns the new passage ids in the local job's vector groups
-    and the ids of the documents seen."""
-    cfg = collection.config
-    chunking = f"{cfg.max_tokens}/{cfg.overlap_tokens}"
-    known = collection.store.document_hashes()
-    seen: set[str] = set()
+) -> list[list[int]]:
+    """Triage on the driver, the rows step in the chunking pool, the store step on the driver in the
+    order the documents were read; returns the new passage ids in the local job's vector groups."""
+    cfg = plan.config
     changed: list[tuple[Document, str]] = []
     for doc in docs:
-        digest = triage(doc, collection, known, seen, chunking, report)
+        digest = plan.triage(doc)
         if digest is not None:
             changed.append((doc, digest))
     groups: list[list[int]] = []
     stats.update(documents_chunked=len(changed), chunk_seconds=0.0, chunk_busy_seconds=0.0)
     if not changed:
-        return groups, seen
+        return groups
     t0 = time.perf_counter()
 
     items = [{"i": i, "text": d.text, "kind": d.kind, "lang": d.lang} for i, (d, _) in enumerate(changed)]
@@ -507,22 +521,8 @@ def _chunk_and_store(
         rows = [
             {k: r[k] for k in ("text", "start", "end", "kind", "title", "lang", "content_hash")} for r in rows
         ]
-        removed, added = collection.store.replace_document(
-            {
-                "id": doc.id,
-                "source": doc.source,
-                "title": doc.title,
-                "content_hash": digest,
-                "metadata": doc.metadata,
-            },
-            rows,
-        )
-        report.replaced += doc.id in known
-        report.added += doc.id not in known
-        report.passages_removed += collection.index.remove(removed) if collection.index else 0
-        collection.bm25_dirty = True
-        current += added
-        if len(current) >= FLUSH_PASSAGES:
+        current += plan.store_document(doc, digest, rows)
+        if len(current) >= GROUP_PASSAGES:
             groups.append(current)
             current = []
 
@@ -550,36 +550,23 @@ def _chunk_and_store(
     if current:
         groups.append(current)
     stats["chunk_seconds"] = round(time.perf_counter() - t0, 3)
-    return groups, seen
-
-
-def _prune(collection: Collection, prune_sources: list[str], seen: set[str], report: JobReport) -> None:
-    gone = [
-        d
-        for src in prune_sources
-        for d in collection.store.document_hashes(src, exact=not src.endswith(os.sep))
-        if d not in seen
-    ]
-    if gone:
-        removed = collection.store.delete_documents(gone)
-        report.passages_removed += collection.index.remove(removed) if collection.index else 0
-        report.pruned = len(gone)
-        collection.bm25_dirty = True
+    return groups
 
 
 def _embed_and_store_kv(
     ray: Any,
-    collection: Collection,
+    plan: IngestPlan,
     groups: list[list[int]],
     encoder_config: EncoderConfig,
     kv: KVJobConfig | None,
     options: RayOptions,
-    report: JobReport,
     stats: dict,
-) -> dict:
-    """Pipeline 2: vectors for the passages the index lacks, passage KV for every passage."""
+) -> tuple[dict, int]:
+    """Pipeline 2: the embed step for the passages the index lacks, the compress and KV steps for
+    every passage; returns the KV totals and how many index entries the repair changed."""
+    collection, report = plan.collection, plan.report
     totals = {"kv_present": 0, "kv_computed": 0, "kv_bytes_written": 0, "kv_seconds": 0.0, "store_errors": 0}
-    stored = collection.store.passage_ids()
+    stored = plan.store.passage_ids()
     index = collection.index
     indexed = set(index.row_ids[index.row_ids >= 0].tolist()) if index is not None else set()
     stored_set = set(stored)
@@ -591,10 +578,10 @@ def _embed_and_store_kv(
     if missing:
         groups = [*groups, missing]
         collection.bm25_dirty = True
-    report.passages_added = len(new)
-    report.repaired = len(orphans) + len(missing)
+    repaired = len(orphans) + len(missing)
     to_embed = [pid for g in groups for pid in g]
     rest = [pid for pid in stored if pid in indexed] if kv is not None else []
+    to_compress = set(plan.compression_todo(everything=True)[0]) if kv is not None else set()
     stats.update(
         passages_embedded=len(to_embed),
         passages_kv=len(to_embed) + len(rest) if kv is not None else 0,
@@ -603,7 +590,7 @@ def _embed_and_store_kv(
         kv_busy_seconds=0.0,
     )
     if not to_embed and not rest:
-        return totals
+        return totals, repaired
 
     t0 = time.perf_counter()
     embed_set = set(to_embed)
@@ -619,6 +606,8 @@ def _embed_and_store_kv(
                     "etext": embed_text(r.doc_title, r.text, r.kind) if flag else "",
                     "text": r.text,
                     "dtitle": r.doc_title,
+                    "compressed": r.compressed,
+                    "compress": r.id in to_compress,
                 }
             )
     pools = int(bool(to_embed)) + int(kv is not None)
@@ -641,7 +630,13 @@ def _embed_and_store_kv(
             ray, ds, _KVWriter, {"kv": kv, "threads": _threads(res)}, options, res, options.batch_size
         )
 
+    def encoder():  # only for the group that calibrates a new index
+        from kvrag.encoders.encoder import load_encoder
+
+        return load_encoder(encoder_config)
+
     received: dict[int, np.ndarray] = {}
+    compressed: dict[int, str | None] = {}
     next_group = 0
     since_save = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -653,6 +648,11 @@ def _embed_and_store_kv(
             totals["kv_computed"] += int(batch["kv_computed"].sum())
             totals["kv_bytes_written"] += int(batch["kv_bytes"].sum())
             totals["store_errors"] += int(batch["kv_errors"].sum())
+            flags = np.asarray(batch["compress"], dtype=bool)
+            compressed.update(
+                (int(pid), _opt(c))
+                for pid, c in zip(batch["id"][flags], batch["compressed"][flags], strict=True)
+            )
         if "vector" not in batch:
             continue
         flags = np.asarray(batch["embed"], dtype=bool)
@@ -660,30 +660,23 @@ def _embed_and_store_kv(
             received[int(pid)] = np.asarray(vec, dtype=np.float32)
         while next_group < len(groups) and all(pid in received for pid in groups[next_group]):
             ids = groups[next_group]
-            vectors = np.stack([received.pop(pid) for pid in ids])
-            target = collection.ensure_index(
-                index.dim if index is not None else (collection.config.dim or vectors.shape[1]),
-                input_dim=vectors.shape[1] if collection.config.adaptor != "none" else None,
-            )
-            fit_queries = None
-            if not target.fitted and calibrates_on_queries(collection.config.adaptor, target.spec.precision):
-                passages = calibration_passages(collection, ids)
-                if passages is not None:  # encoded on the driver, for this one batch
-                    from kvrag.encoders.adaptor import encode_pseudo_queries
-                    from kvrag.encoders.encoder import load_encoder
-
-                    fit_queries = encode_pseudo_queries(
-                        load_encoder(encoder_config), passages, dim=vectors.shape[1]
-                    )
-            target.add(np.asarray(ids, dtype=np.int64), vectors, fit_queries=fit_queries)
-            index = collection.index
+            plan.add_vectors(ids, np.stack([received.pop(pid) for pid in ids]), encoder)
             next_group += 1
             since_save += len(ids)
             if since_save >= options.checkpoint_every:
-                index.save(collection.folder / "vectors")  # type: ignore[union-attr]
+                collection.index.save(collection.folder / "vectors")  # type: ignore[union-attr]
                 since_save = 0
     if next_group != len(groups):
         raise KvragError(f"the embedding pipeline returned vectors for {next_group} of {len(groups)} groups")
+    report.passages_added = len(new)  # the repair's passages count as repaired, not added
+    if compressed:
+        plan.store.set_compressed(compressed)
+        plan.report.compression = {
+            "method": plan.compression.method,  # type: ignore[union-attr]
+            "rate": plan.compression.rate,  # type: ignore[union-attr]
+            "compressed": len(compressed),
+            "reused": len(stored) - len(compressed),
+        }
     totals["kv_seconds"] = round(time.perf_counter() - t0, 3) if kv is not None else 0.0
     stats["embed_kv_seconds"] = round(time.perf_counter() - t0, 3)
-    return totals
+    return totals, repaired

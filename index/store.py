@@ -116,6 +116,21 @@ class PassageStore:
             )
         return dict(rows.fetchall())
 
+    def document_hash(self, doc_id: str) -> str | None:
+        """The stored content hash of one document; None when it is not stored."""
+        row = self.db.execute("SELECT content_hash FROM documents WHERE id=?", (doc_id,)).fetchone()
+        return row[0] if row else None
+
+    def document_passage_ids(self, doc_ids: Sequence[str]) -> list[int]:
+        """The passage ids of these documents, ascending (unknown documents have none)."""
+        out: list[int] = []
+        ids = list(doc_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            sql = f"SELECT id FROM passages WHERE doc_id IN ({','.join('?' * len(chunk))})"
+            out += [r[0] for r in self.db.execute(sql, chunk)]
+        return sorted(out)
+
     def get_document(self, doc_id: str) -> dict | None:
         row = self.db.execute(
             "SELECT id, source, title, content_hash, metadata, updated_at FROM documents WHERE id=?",

@@ -10,6 +10,7 @@ from typing import Any
 from kvrag.encoders.encoder import Encoder
 from kvrag.errors import InvalidInputError
 from kvrag.index.collection import Collection, Hit
+from kvrag.index.ingest import kv_text
 from kvrag.rag.generation.generator import (
     DEFAULT_BLEND_RATIO,
     MODES,
@@ -25,7 +26,7 @@ def passage_text(passage, use_compressed: bool = True) -> str:
     """The text a passage's KV is computed from: a `Hit` or `PassageRow`'s compressed text when it has
     one (and `use_compressed`), else its original text."""
     compressed = getattr(passage, "compressed", None) if use_compressed else None
-    return compressed or passage.text
+    return kv_text(passage.text, compressed)
 
 
 @dataclass

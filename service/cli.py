@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kvrag.errors import KvragError
+from kvrag.rag.compress import DEFAULT_CLASSIFIER
 from kvrag.service.cli_index import (  # noqa: F401 - _default_index_encoder: used by tests
-    DEFAULT_CLASSIFIER,
     _default_index_encoder,
     _open_compressor,
     cmd_index,

@@ -18,9 +18,7 @@ def print_json(obj: object) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from kvrag.encoders.encoder import load_encoder
     from kvrag.index.collection import Collection, CollectionConfig
-    from kvrag.index.job import index_paths
 
     settings = get_settings()
     for path in args.paths:
@@ -47,47 +45,27 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise KvragError("--address, --ray-cpus and --actors apply to --engine ray only")
     if args.compress is None and (args.compress_rate is not None or args.compressor_path is not None):
         raise KvragError("--compress-rate and --compressor-path apply with --compress only")
-    if args.compress is not None and ray_options is not None:
-        raise KvragError("--compress applies to --engine local only")
     if args.compress_rate is not None:
         from kvrag.rag.compress import check_rate
 
         check_rate(args.compress_rate)
-    compress_report = None
     collection = Collection.open_or_create(settings.root, args.collection, config, device=settings.device)
     try:
         if ray_options is not None:
             report, kv_report = _index_ray(settings, collection, args, ray_options)
         else:
-            encoder = load_encoder(settings.encoder_config(collection.config.encoder))
-            report = index_paths(
-                collection,
-                args.paths,
-                encoder,
-                prune=args.prune,
-                show_progress=not args.json and sys.stderr.isatty(),
-            )
-            kv_report = None
-            progress = not args.json and sys.stderr.isatty()
-            compression = _index_compression(collection, args)
-            generator = None
-            if compression is not None or not args.no_kv:
-                from kvrag.service.runtime import open_generator
-
-                generator = open_generator(settings, args.generator, args.prompt)
-            if compression is not None:
-                compress_report = _compress_passages(settings, collection, generator, *compression, progress)
-            if not args.no_kv:
-                kv_report = _precompute_kv(settings, collection, args, progress=progress, generator=generator)
+            report, kv_report = _index_local(settings, collection, args)
     finally:
         collection.close()
+    compress_report = report.compression
     if args.json:
         extra = {"engine": args.engine}
         if ray_options is not None:
             extra["actors"] = ray_options.actors
         if compress_report is not None:
             extra["compression"] = compress_report
-        print_json({**asdict(report), **extra, **({"kv": kv_report} if kv_report else {})})
+        out = {k: v for k, v in asdict(report).items() if k not in ("kv", "compression")}
+        print_json({**out, **extra, **({"kv": kv_report} if kv_report else {})})
     else:
         print(
             f"{report.collection}: {report.added} added, {report.replaced} replaced, {report.unchanged} unchanged,"
@@ -117,8 +95,79 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_local(settings, collection, args) -> tuple:
+    """`--engine local`: every step of the ingest plan in this process (index.job)."""
+    from kvrag.encoders.encoder import load_encoder
+    from kvrag.index.job import index_paths
+
+    progress = not args.json and sys.stderr.isatty()
+    encoder = load_encoder(settings.encoder_config(collection.config.encoder))
+    compression = _compression_option(settings, args)
+    recorded = compression or collection.store.compression()
+    generator = compressor = kv = None
+    if recorded is not None or not args.no_kv:
+        from kvrag.service.runtime import open_generator
+
+        generator = open_generator(settings, args.generator, args.prompt)
+    if recorded is not None:
+        from kvrag.index.ingest import Compression
+        from kvrag.rag.compress import open_from_source
+
+        c = recorded if isinstance(recorded, Compression) else Compression(**recorded)
+        compressor = open_from_source(
+            c.method,
+            c.source or generator.spec,
+            models_dir=settings.models_dir,
+            device=settings.device,
+            generator=generator,
+        )
+    if not args.no_kv:
+        from kvrag.service.runtime import open_kv
+
+        kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
+    try:
+        report = index_paths(
+            collection,
+            args.paths,
+            encoder,
+            prune=args.prune,
+            show_progress=progress,
+            compression=compression,
+            compressor=compressor,
+            kv=kv,
+        )
+    finally:
+        if kv is not None:
+            kv.store.close()
+    if report.compression is not None and generator is not None:
+        from kvrag.rag.eval.rag import token_figures
+
+        report.compression.update(token_figures(collection.store, generator))
+    kv_report = None
+    if kv is not None:
+        kv_report = {
+            **(report.kv or {}),
+            "codec": kv.codec,
+            "url": kv.store.url,
+            "store_errors": kv.store.stats().get("errors", 0),
+        }
+    return report, kv_report
+
+
+def _compression_option(settings, args):
+    """The compression `--compress` asks for (None: keep what the collection recorded)."""
+    if args.compress is None:
+        return None
+    from kvrag.index.ingest import Compression
+    from kvrag.rag.compress import compression_source
+
+    rate = args.compress_rate if args.compress_rate is not None else 0.5
+    source = compression_source(args.compress, args.compressor_path, args.generator or settings.generator)
+    return Compression(args.compress, float(rate), source)
+
+
 def _index_ray(settings, collection, args, options) -> tuple:
-    """`--engine ray`: the same job as a Ray Data pipeline (index.ray_job)."""
+    """`--engine ray`: the same plan with its steps in Ray actor pools (index.ray_job)."""
     from kvrag.index.ray_job import KVJobConfig, index_paths_ray
 
     kv = None
@@ -140,6 +189,7 @@ def _index_ray(settings, collection, args, options) -> tuple:
         prune=args.prune,
         options=options,
         show_progress=not args.json and sys.stderr.isatty(),
+        compression=_compression_option(settings, args),
     )
 
 
@@ -172,73 +222,12 @@ def _default_index_encoder(settings, name: str, paths: list[str]) -> str:
     return settings.encoder
 
 
-def _index_compression(collection, args) -> tuple[str, float, str | None] | None:
-    """(method, rate, compressor path) for `kvrag index`: the options given, else the settings the
-    collection's passages were compressed with before (so new passages get the same treatment)."""
-    if args.compress is not None:
-        rate = args.compress_rate if args.compress_rate is not None else 0.5
-        return args.compress, rate, args.compressor_path
-    record = collection.store.compression()
-    if record is None:
-        return None
-    return record["method"], record["rate"], record["source"] if record["method"] == "classifier" else None
-
-
-DEFAULT_CLASSIFIER = "bundled:compressor-e5-small"
-
-
 def _open_compressor(settings, method: str, generator, path: str | None):
-    """A compressor and what it is made from (recorded with the compressed texts)."""
-    from kvrag.rag.compress import METHODS, open_compressor
+    """A compressor for the user's options, and the source recorded with its texts."""
+    from kvrag.rag.compress import compression_source, open_from_source
 
-    if method == "selfinfo":
-        if path is not None:
-            return open_compressor(method, model=path), str(Path(path).expanduser().resolve())
-        return open_compressor(method, generator=generator), generator.spec
-    if method == "classifier":
-        from kvrag.encoders.models import BUNDLED_PREFIX
-        from kvrag.rag.compress.bundled import resolve_compressor
-
-        spec = path if path is not None else DEFAULT_CLASSIFIER
-        if spec.startswith(BUNDLED_PREFIX):
-            where = resolve_compressor(spec, settings.models_dir)
-            return open_compressor(method, path=where, device=settings.device), spec
-        where = str(Path(spec).expanduser().resolve())
-        return open_compressor(method, path=where, device=settings.device), where
-    raise KvragError(f"unknown compression method {method!r}: choose one of {', '.join(METHODS)}")
-
-
-def _compress_passages(settings, collection, generator, method, rate, path, progress: bool) -> dict:
-    """Indexing time: compressed texts for the passages lacking one; the KV is computed from them,
-    while embeddings, BM25 and citations stay on the original texts."""
-    from kvrag.rag.eval.rag import compress_collection
-
-    compressor, source = _open_compressor(settings, method, generator, path)
-    return compress_collection(
-        collection.store,
-        compressor,
-        method,
-        rate,
-        source=source,
-        generator=generator,
-        show_progress=progress,
+    source = compression_source(method, path, generator.spec)
+    compressor = open_from_source(
+        method, source, models_dir=settings.models_dir, device=settings.device, generator=generator
     )
-
-
-def _precompute_kv(settings, collection, args, *, progress: bool, generator=None) -> dict:
-    """Indexing time: every passage's KV cache after the shared prefix, stored once (from the
-    passage's compressed text where the collection keeps one)."""
-    from kvrag.rag.pipeline import passage_text
-    from kvrag.service.runtime import open_generator, open_kv
-
-    generator = generator or open_generator(settings, args.generator, args.prompt)
-    kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
-    try:
-        rows = collection.store.passages(collection.store.passage_ids())
-        out = kv.ensure(
-            [generator.passage_ids(passage_text(r), r.doc_title) for r in rows], progress=progress
-        )
-        store_errors = kv.store.stats().get("errors", 0)
-    finally:
-        kv.store.close()
-    return {**out, "codec": kv.codec, "url": kv.store.url, "store_errors": store_errors}
+    return compressor, source

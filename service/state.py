@@ -12,6 +12,7 @@ from pathlib import Path
 from kvrag.encoders.encoder import Encoder, load_encoder
 from kvrag.errors import CollectionNotFoundError, InvalidInputError
 from kvrag.index.collection import Collection, validate_name
+from kvrag.rag.compress import PromptCompressor, open_from_source
 from kvrag.rag.generation.generator import Generator
 from kvrag.rag.kvcache.manager import KVCacheManager
 from kvrag.service.errors import ClientGone
@@ -79,6 +80,7 @@ class AppState:
         self._locks: dict[str, TrackedLock] = {}
         self._registry_lock = threading.Lock()
         self.recovered: dict[str, dict] = {}  # what opening a collection repaired, by name
+        self._compressors: dict[tuple[str, str | None], PromptCompressor] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -90,6 +92,28 @@ class AppState:
         self.kv.prefix()
         self.recover_all()
         self.ready = True
+
+    def compressor(self, collection: Collection) -> PromptCompressor | None:
+        """The compressor a compressed collection recorded (opened once, shared), so that upserted
+        passages get compressed texts as `kvrag index` gives them; None for an uncompressed one."""
+        record = collection.store.compression()
+        if record is None or self.generator is None:
+            return None
+        key = (record["method"], record["source"])
+        with self._registry_lock:
+            found = self._compressors.get(key)
+        if found is None:
+            s = self.settings
+            found = open_from_source(
+                record["method"],
+                record["source"] or self.generator.spec,
+                models_dir=s.models_dir,
+                device=s.device,
+                generator=self.generator,
+            )
+            with self._registry_lock:
+                found = self._compressors.setdefault(key, found)
+        return found
 
     def recover_all(self) -> None:
         """Open every collection once and repair what an interrupted write (a crash, `kill -9`)

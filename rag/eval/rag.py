@@ -111,14 +111,21 @@ def compress_collection(
         )
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if generator is not None:
-        rows = store.passages(store.passage_ids())
-        original = [len(generator.passage_ids(r.text, r.doc_title)) for r in rows]
-        compressed = [len(generator.passage_ids(passage_text(r), r.doc_title)) for r in rows]
-        n = max(len(rows), 1)
-        report["passage_tokens_mean_original"] = round(sum(original) / n, 2)
-        report["passage_tokens_mean_compressed"] = round(sum(compressed) / n, 2)
-        report["token_ratio"] = round(sum(original) / max(sum(compressed), 1), 3)
+        report.update(token_figures(store, generator))
     return report
+
+
+def token_figures(store, generator) -> dict:
+    """Mean generator tokens of the stored passages before and after compression, and their ratio."""
+    rows = store.passages(store.passage_ids())
+    original = [len(generator.passage_ids(r.text, r.doc_title)) for r in rows]
+    compressed = [len(generator.passage_ids(passage_text(r), r.doc_title)) for r in rows]
+    n = max(len(rows), 1)
+    return {
+        "passage_tokens_mean_original": round(sum(original) / n, 2),
+        "passage_tokens_mean_compressed": round(sum(compressed) / n, 2),
+        "token_ratio": round(sum(original) / max(sum(compressed), 1), 3),
+    }
 
 
 def _median(xs: list[float]) -> float:

@@ -209,6 +209,13 @@ class KVCacheManager:
             "kv_seconds": round(time.perf_counter() - t0, 3),
         }
 
+    def ensure_texts(self, items: Sequence[tuple[str, str | None]], *, progress: bool = False) -> dict:
+        """`ensure` for (passage text, document title) pairs: the ingest plan's KV step
+        (`kvrag.index.ingest.KVPrecompute`); the text is the one `kvrag.index.ingest.kv_text` picks."""
+        if not items:
+            return {"kv_present": 0, "kv_computed": 0, "kv_bytes_written": 0, "kv_seconds": 0.0}
+        return self.ensure([self.generator.passage_ids(t, title) for t, title in items], progress=progress)
+
     def stats(self) -> dict:
         with self._lock:
             out = dict(self.counters)

@@ -148,13 +148,13 @@ def _upsert(state: AppState, c: Collection, body: DocumentsUpsert) -> UpsertResu
         )
         for d in body.documents
     ]
-    report = index_documents(c, iter(docs), encoder)
+    use_kv = body.kv and state.kv is not None
+    report = index_documents(
+        c, docs, encoder, compressor=state.compressor(c) if use_kv else None, kv=state.kv if use_kv else None
+    )
     kv = {"kv_computed": 0, "kv_present": 0}
-    if body.kv and state.kv is not None and state.generator is not None:
-        pids = [p for d in body.documents for p in (c.store.get_document(d.id) or {}).get("passages", [])]
-        rows = c.store.passages(pids)
-        out = state.kv.ensure([state.generator.passage_ids(r.text, r.doc_title) for r in rows])
-        kv = {"kv_computed": out["kv_computed"], "kv_present": out["kv_present"]}
+    if report.kv is not None:
+        kv = {"kv_computed": report.kv["kv_computed"], "kv_present": report.kv["kv_present"]}
     return UpsertResult(
         collection=c.name,
         added=report.added,

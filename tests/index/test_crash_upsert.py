@@ -20,7 +20,8 @@ import pytest
 
 from kvrag.index.collection import Collection, CollectionConfig
 from kvrag.index.hybrid import BM25Index
-from kvrag.index.job import embed_text, recover
+from kvrag.index.ingest import embed_text
+from kvrag.index.job import recover
 from kvrag.index.vector import VectorIndex
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -351,3 +351,65 @@ def test_prune_and_emptied_documents(ray1, corpus, tiny_model_dir):
     assert coll.store.get_document(str(de)) is None and coll.store.get_document(str(fr)) is None
     live = sorted(coll.index.row_ids[coll.index.row_ids >= 0].tolist())
     assert live == coll.store.passage_ids() and not set(gone) & set(live)
+
+
+# -- one ingest plan: a compressed collection gives the same passages, vectors and KV keys -----------
+
+
+def _compressed_run(home: Path, engine: str, corpus, model_dir, llama_dir, tiny_encoder, tiny_generator):
+    from kvrag.index.ingest import Compression
+    from kvrag.rag.compress import open_from_source
+
+    compression = Compression("selfinfo", 0.5, str(llama_dir))
+    coll = Collection.create(home, NAME, CollectionConfig(encoder=str(model_dir), **CONFIG))
+    if engine == "local":
+        kv = KVCacheManager(tiny_generator, open_kv_store(kv_url(home)), "fp16")
+        compressor = open_from_source("selfinfo", str(llama_dir), models_dir=home, generator=tiny_generator)
+        index_paths(coll, [corpus], tiny_encoder, compression=compression, compressor=compressor, kv=kv)
+    else:
+        index_paths_ray(
+            coll,
+            [corpus],
+            EncoderConfig(model=str(model_dir), batch_tokens=512),
+            kv=KVJobConfig(generator=str(llama_dir), models_dir=home / "models", url=kv_url(home)),
+            options=RayOptions(actors=1, batch_size=4, doc_batch_size=2),
+            compression=compression,
+        )
+    return coll
+
+
+def test_ray_and_local_agree_on_a_compressed_collection(
+    tmp_path, ray_local, corpus, tiny_model_dir, tiny_llama_dir, tiny_encoder, tiny_generator
+):
+    from kvrag.index.ingest import kv_item
+
+    local = _compressed_run(
+        tmp_path / "l", "local", corpus, tiny_model_dir, tiny_llama_dir, tiny_encoder, tiny_generator
+    )
+    remote = _compressed_run(
+        tmp_path / "r", "ray", corpus, tiny_model_dir, tiny_llama_dir, tiny_encoder, tiny_generator
+    )
+    try:
+        assert passages(remote) == passages(local)
+        rows_l = local.store.passages(local.store.passage_ids())
+        rows_r = remote.store.passages(remote.store.passage_ids())
+        # every passage got a compressed text, the same on both engines, shorter than the original
+        assert all(r.compressed for r in rows_r)
+        assert [r.compressed for r in rows_r] == [r.compressed for r in rows_l]
+        assert sum(len(r.compressed) for r in rows_r) < sum(len(r.text) for r in rows_r)
+        a, b = vectors(local), vectors(remote)
+        assert sorted(a) == sorted(b)
+        for pid in a:
+            np.testing.assert_allclose(b[pid], a[pid], atol=1e-5)
+        # the KV keys the query side looks up (from the compressed texts) are the ones each engine stored
+        manager = KVCacheManager(tiny_generator, open_kv_store("memory://"), "fp16")
+        keys = [manager.key(tiny_generator.passage_ids(*kv_item(r))).key for r in rows_l]
+        for home in (tmp_path / "l", tmp_path / "r"):
+            store = open_kv_store(kv_url(home))
+            assert all(store.exists_many(keys)), home.name
+            originals = [manager.key(tiny_generator.passage_ids(r.text, r.doc_title)).key for r in rows_l]
+            assert not any(store.exists_many(originals)), home.name  # nothing cached for unused texts
+            store.close()
+    finally:
+        local.close()
+        remote.close()
