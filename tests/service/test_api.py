@@ -266,6 +266,26 @@ def test_upsert_counts_added_replaced_unchanged(client):
     assert info["documents"] == 3 and info["passages"] == out["passages"]
 
 
+def test_upsert_into_a_compressed_collection_caches_the_compressed_texts(client, shared_state):
+    from kvrag.index.ingest import kv_item
+
+    name = create(client)["name"]
+    gen, kv = shared_state.generator, shared_state.kv
+    with shared_state.lease(name) as lease:
+        lease.collection.store.set_compression("selfinfo", 0.5, gen.spec)
+    tag = uuid.uuid4().hex
+    text = f"Alpha {tag} lives in the first document, which is long enough to lose some of its words."
+    out = upsert(client, name, [{"id": "a", "title": "A", "text": text}]).json()
+    assert out["kv_computed"] >= 1
+    with shared_state.lease(name) as lease:
+        store = lease.collection.store
+        rows = store.passages(store.passage_ids())
+    assert rows and all(r.compressed and len(r.compressed) < len(r.text) for r in rows)
+    keys = [kv.key(gen.passage_ids(*kv_item(r))).key for r in rows]
+    originals = [kv.key(gen.passage_ids(r.text, r.doc_title)).key for r in rows]
+    assert all(kv.store.exists_many(keys)) and not any(kv.store.exists_many(originals))
+
+
 def test_upsert_without_kv(client):
     name = create(client)["name"]
     out = upsert(client, name, [{"id": "a", "text": f"Text {uuid.uuid4().hex} only."}], kv=False).json()
