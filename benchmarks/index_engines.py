@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from kvrag.encoders.encoder import load_encoder  # noqa: E402
 from kvrag.index.collection import Collection, CollectionConfig  # noqa: E402
+from kvrag.index.ingest import kv_item  # noqa: E402
 from kvrag.index.job import index_paths  # noqa: E402
 from kvrag.index.ray_job import KVJobConfig, RayOptions, index_paths_ray, require_ray  # noqa: E402
 from kvrag.rag.generation.generator import Generator  # noqa: E402
@@ -70,7 +71,7 @@ def run_local(home: Path, corpus: Path, enc_cfg, kv: KVJobConfig) -> tuple[Colle
     manager = KVCacheManager(generator, open_kv_store(kv.url), kv.codec, batch_tokens=kv.batch_tokens)
     t_gen = time.perf_counter()
     rows = coll.store.passages(coll.store.passage_ids())
-    done = manager.ensure([generator.passage_ids(r.text, r.doc_title) for r in rows])
+    done = manager.ensure_texts([kv_item(r) for r in rows])
     total = time.perf_counter() - t0
     n = report.passages
     return coll, {
