@@ -30,7 +30,7 @@ from kvrag.encoders.encoder import load_encoder  # noqa: E402
 from kvrag.rag.compress import open_compressor, split_words  # noqa: E402
 from kvrag.rag.eval.rag import compress_collection, open_eval_collection  # noqa: E402
 from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad  # noqa: E402
-from kvrag.rag.generation.generator import SamplingParams  # noqa: E402
+from kvrag.rag.generation.sampling import SamplingParams  # noqa: E402
 from kvrag.service.runtime import open_generator, open_kv, open_pipeline  # noqa: E402
 from kvrag.service.settings import get_settings  # noqa: E402
 

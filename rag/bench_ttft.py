@@ -18,7 +18,9 @@ import torch
 
 from kvrag.errors import InvalidInputError
 from kvrag.rag.eval.squad import load_squad
+from kvrag.rag.generation.cache import JoinedContext
 from kvrag.rag.generation.generator import Generator
+from kvrag.rag.generation.prefill import PrefillPolicy
 from kvrag.rag.kvcache.manager import KVCacheManager
 
 DEFAULT_DATA = Path("../shared/data/xquad/xquad.en.json")
@@ -75,7 +77,7 @@ def run_ttft_bench(
 
     def sequential(q: list[int]) -> float:
         t0 = time.perf_counter()
-        s = generator.prefill("sequential", q, passage_ids=p_ids)
+        s = generator.prefill("sequential", q, p_ids)
         int(torch.argmax(s.logits))
         return (time.perf_counter() - t0) * 1000
 
@@ -86,15 +88,10 @@ def run_ttft_bench(
     def ape(q: list[int], ratio: float | None = None) -> float:
         t0 = time.perf_counter()
         joined, report = kv.get_joined(p_ids)
-        s = generator.prefill(
-            "ape" if ratio is None else "blend",
-            q,
-            joined=(joined.kv, joined.prefix_tokens, joined.lengths),
-            temperature=0.9,
-            scale=1.0,
-            passage_ids=p_ids,
-            blend_ratio=ratio or 0.0,
+        policy = (
+            PrefillPolicy("ape", 0.9, 1.0) if ratio is None else PrefillPolicy("blend", blend_ratio=ratio)
         )
+        s = generator.prefill(policy, q, JoinedContext(joined.kv, joined.prefix_tokens, p_ids))
         int(torch.argmax(s.logits))
         total = (time.perf_counter() - t0) * 1000
         if report.misses or report.corrupt:

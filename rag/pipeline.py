@@ -11,14 +11,12 @@ from kvrag.encoders.encoder import Encoder
 from kvrag.errors import InvalidInputError
 from kvrag.index.collection import Collection, Hit
 from kvrag.index.ingest import kv_text
-from kvrag.rag.generation.generator import (
-    DEFAULT_BLEND_RATIO,
-    MODES,
-    Generator,
-    SamplingParams,
-    Session,
-    TokenEvent,
-)
+from kvrag.rag.generation.blend import DEFAULT_BLEND_RATIO
+from kvrag.rag.generation.cache import JoinedContext
+from kvrag.rag.generation.generator import Generator
+from kvrag.rag.generation.prefill import PrefillPolicy, Session
+from kvrag.rag.generation.sampling import SamplingParams
+from kvrag.rag.generation.streaming import TokenEvent
 from kvrag.rag.kvcache.manager import KVCacheManager
 
 
@@ -122,8 +120,13 @@ class RagPipeline:
         max_new_tokens: int = 0,
     ) -> Prepared:
         """Retrieve (unless `hits` are given), fetch caches and prefill. Timings in ms."""
-        if mode not in MODES:
-            raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        policy = PrefillPolicy(
+            mode,
+            temperature=self.ape_temperature,
+            scale=self.ape_scale,
+            positions=self.ape_positions,
+            blend_ratio=self.blend_ratio,
+        )
         q_ids = self.generator.question_ids(question)
         t0 = time.perf_counter()
         if hits is None:
@@ -132,7 +135,7 @@ class RagPipeline:
         p_ids = self.passage_ids(hits)
         kv_info: dict[str, Any] = {}
         if mode == "sequential":
-            session = self.generator.prefill(mode, q_ids, passage_ids=p_ids, max_new_tokens=max_new_tokens)
+            session = self.generator.prefill(policy, q_ids, p_ids, max_new_tokens=max_new_tokens)
             fetch_ms = 0.0
         else:
             joined, report = self.kv.get_joined(p_ids)
@@ -146,17 +149,8 @@ class RagPipeline:
                 "decode_ms": round(report.decode_ms, 3),
                 "recompute_ms": round(report.compute_ms, 3),
             }
-            session = self.generator.prefill(
-                mode,
-                q_ids,
-                joined=(joined.kv, joined.prefix_tokens, joined.lengths),
-                temperature=self.ape_temperature,
-                scale=self.ape_scale,
-                max_new_tokens=max_new_tokens,
-                positions=self.ape_positions,
-                passage_ids=p_ids,
-                blend_ratio=self.blend_ratio,
-            )
+            context = JoinedContext(joined.kv, joined.prefix_tokens, p_ids)
+            session = self.generator.prefill(policy, q_ids, context, max_new_tokens=max_new_tokens)
         timings = {
             "retrieval_ms": (t1 - t0) * 1000,
             "kv_fetch_ms": fetch_ms,

@@ -92,7 +92,7 @@ def _recover(collection, encoder) -> None:
 
 
 def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) -> int:
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
     from kvrag.rag.pipeline import RagAnswer
     from kvrag.service.runtime import open_generator, open_kv, open_pipeline
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvrag.rag.generation.generator import MODES
+from kvrag.rag.generation.prefill import MODES
 
 Mode = Literal["ape", "parallel", "sequential", "blend"]
 assert set(MODES) == {"ape", "parallel", "sequential", "blend"}

@@ -19,7 +19,9 @@ from kvrag.errors import InvalidInputError
 from kvrag.index.collection import Collection, CollectionConfig
 from kvrag.index.job import Document, index_documents
 from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad
-from kvrag.rag.generation.generator import DEFAULT_BLEND_RATIO, MODES, SamplingParams
+from kvrag.rag.generation.blend import DEFAULT_BLEND_RATIO
+from kvrag.rag.generation.prefill import MODES
+from kvrag.rag.generation.sampling import SamplingParams
 from kvrag.rag.kvcache.manager import KVCacheManager
 from kvrag.rag.pipeline import RagPipeline, passage_text
 

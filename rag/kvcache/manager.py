@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvrag.errors import InvalidInputError
-from kvrag.rag.generation.generator import KV, Generator
+from kvrag.rag.generation.cache import KV
+from kvrag.rag.generation.generator import Generator
 from kvrag.rag.kvcache.codec import CODECS, CorruptBlobError, decode_kv, encode_kv
 from kvrag.rag.kvcache.keys import PassageKVKey
 from kvrag.rag.kvcache.store import KVStore

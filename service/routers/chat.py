@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kvrag.errors import KvragError
 from kvrag.index.collection import Collection
-from kvrag.rag.generation.generator import SamplingParams, TokenEvent
+from kvrag.rag.generation.sampling import SamplingParams
+from kvrag.rag.generation.streaming import TokenEvent
 from kvrag.rag.pipeline import RagAnswer, RagPipeline
 from kvrag.service.deps import State
 from kvrag.service.errors import ApiError, ClientGone, LimitExceeded, classify, scrub

@@ -11,6 +11,9 @@ import torch
 from kvrag.errors import InvalidInputError
 from kvrag.kernels.ape_attention import ape_attention_torch
 from kvrag.rag.generation.ape import ATTN_IMPLEMENTATION, ApeSpec
+from kvrag.rag.generation.cache import JoinedContext, cache_from, positions, step
+from kvrag.rag.generation.prefill import PrefillPolicy
+from kvrag.rag.generation.sampling import pick_token
 
 PASSAGES = [
     ("cats", "the cat sat on the warm mat near the kitchen door"),
@@ -18,6 +21,13 @@ PASSAGES = [
     ("birds", "small birds sing"),
 ]
 QUESTION = "where did the cat sit?"
+
+
+def _prefill(gen, mode, q, passages, **policy):
+    """Prefill in `mode`: from token ids when sequential, else over the passages' joined caches."""
+    if mode == "sequential":
+        return gen.prefill("sequential", q, passages)
+    return gen.prefill(PrefillPolicy(mode, **policy), q, gen.context(passages))
 
 
 def _pieces(gen):
@@ -39,8 +49,8 @@ def test_mask_function_registered_under_the_same_name(tiny_generator):
 def test_one_passage_parallel_equals_sequential(tiny_generator):
     gen = tiny_generator
     passages, q = _pieces(gen)
-    seq = gen.prefill("sequential", q, passage_ids=passages[:1])
-    par = gen.prefill("parallel", q, passage_ids=passages[:1])
+    seq = _prefill(gen, "sequential", q, passages[:1])
+    par = _prefill(gen, "parallel", q, passages[:1])
     assert seq.logits.abs().max() > 1.0  # the model is not flat: a wrong mask would show
     assert (seq.logits - par.logits).abs().max().item() <= 1e-4
     # Decoding continues identically: teacher-forced log-probs of a fixed continuation agree.
@@ -49,7 +59,7 @@ def test_one_passage_parallel_equals_sequential(tiny_generator):
     lp_par = gen.answer_logprobs(par, answer)
     assert max(abs(a - b) for a, b in zip(lp_seq, lp_par, strict=True)) <= 1e-4
     # ... and the cache was restored after scoring, so generation still matches.
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     assert (
         gen.generate(seq, SamplingParams(max_new_tokens=6))[0]
@@ -94,10 +104,10 @@ def test_several_passages_parallel_equals_explicit_block_reference(tiny_generato
     gen = tiny_generator
     passages, q = _pieces(gen)
     ref = _block_reference_logits(gen, passages, q)
-    par = gen.prefill("parallel", q, passage_ids=passages)
+    par = _prefill(gen, "parallel", q, passages)
     assert (ref[-1] - par.logits).abs().max().item() <= 1e-4
     # The reference really differs from sequential encoding (positions and masks matter here).
-    seq = gen.prefill("sequential", q, passage_ids=passages)
+    seq = _prefill(gen, "sequential", q, passages)
     assert (seq.logits - par.logits).abs().max().item() > 1e-2
 
 
@@ -107,14 +117,15 @@ def test_all_question_positions_match_reference(tiny_generator):
     ref = _block_reference_logits(gen, passages, q)
     prefix = gen.encode_prefix()
     caches = gen.encode_passages(passages, prefix)
-    cache = gen._cache_from([prefix, *caches])
+    cache = cache_from(gen.model, [prefix, *caches])
     p_len = prefix.tokens
     ctx = sum(c.tokens for c in caches)
     start = p_len + max(c.tokens for c in caches)
     with torch.inference_mode():
-        logits = gen._forward(
+        logits = step(
+            gen.model,
             torch.tensor([q]),
-            gen._positions(start, len(q)),
+            positions(gen.model, start, len(q)),
             cache,
             ApeSpec(p_len, p_len + ctx, 1.0, 1.0),
             keep=0,
@@ -125,12 +136,12 @@ def test_all_question_positions_match_reference(tiny_generator):
 def test_ape_temperature_and_scale_change_the_result(tiny_generator):
     gen = tiny_generator
     passages, q = _pieces(gen)
-    par = gen.prefill("parallel", q, passage_ids=passages)
-    ape = gen.prefill("ape", q, passage_ids=passages, temperature=0.9, scale=0.9)
+    par = _prefill(gen, "parallel", q, passages)
+    ape = _prefill(gen, "ape", q, passages, temperature=0.9, scale=0.9)
     assert (par.logits - ape.logits).abs().max().item() > 1e-3
     # Per-layer settings: all ones equals parallel exactly.
     layers = gen.num_layers
-    ones = gen.prefill("ape", q, passage_ids=passages, temperature=[1.0] * layers, scale=[1.0] * layers)
+    ones = _prefill(gen, "ape", q, passages, temperature=[1.0] * layers, scale=[1.0] * layers)
     assert (par.logits - ones.logits).abs().max().item() <= 1e-5
 
 
@@ -152,7 +163,7 @@ def test_passage_cache_equals_sequential_cache_slice(tiny_generator):
     passages, q = _pieces(gen)
     prefix = gen.encode_prefix()
     (kv,) = gen.encode_passages(passages[:1], prefix)
-    seq = gen.prefill("sequential", q, passage_ids=passages[:1])
+    seq = _prefill(gen, "sequential", q, passages[:1])
     p_len = prefix.tokens
     for layer in range(gen.num_layers):
         keys = seq.cache.layers[layer].keys[0, :, p_len : p_len + kv.tokens]
@@ -166,9 +177,11 @@ def test_input_errors(tiny_generator):
     with pytest.raises(InvalidInputError):
         gen.question_ids("   ")
     with pytest.raises(InvalidInputError):
-        gen.prefill("fast", q, passage_ids=passages)
+        _prefill(gen, "fast", q, passages)
+    with pytest.raises(InvalidInputError, match="question"):
+        _prefill(gen, "parallel", [], passages)
     with pytest.raises(InvalidInputError, match="positions"):
-        gen.prefill("sequential", q, passage_ids=[list(range(1000, 1300))] * 3)
+        _prefill(gen, "sequential", q, [list(range(1000, 1300))] * 3)
     with pytest.raises(InvalidInputError):
         gen.encode_passages([[]])
 
@@ -177,49 +190,49 @@ def test_input_errors(tiny_generator):
 
 
 def test_stream_deltas_concatenate_to_generate(tiny_generator):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
     sp = SamplingParams(max_new_tokens=10)
-    text, stats = gen.generate(gen.prefill("ape", q, passage_ids=passages), sp)
-    events = list(gen.stream(gen.prefill("ape", q, passage_ids=passages), sp))
+    text, stats = gen.generate(_prefill(gen, "ape", q, passages), sp)
+    events = list(gen.stream(_prefill(gen, "ape", q, passages), sp))
     assert "".join(e.text for e in events) == text
     assert events[-1].finish_reason == "length" and stats["completion_tokens"] == 10
     assert all(e.finish_reason is None for e in events[:-1])
 
 
 def test_stop_string_cuts_the_answer(tiny_generator):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
-    full, _ = gen.generate(gen.prefill("ape", q, passage_ids=passages), SamplingParams(max_new_tokens=10))
+    full, _ = gen.generate(_prefill(gen, "ape", q, passages), SamplingParams(max_new_tokens=10))
     words = full.split()
     assert len(words) >= 3
     stop = words[2]
     text, stats = gen.generate(
-        gen.prefill("ape", q, passage_ids=passages), SamplingParams(max_new_tokens=10, stop=(stop,))
+        _prefill(gen, "ape", q, passages), SamplingParams(max_new_tokens=10, stop=(stop,))
     )
     assert stop not in text and full.startswith(text)
     assert stats["finish_reason"] == "stop"
     streamed = "".join(
         e.text
         for e in gen.stream(
-            gen.prefill("ape", q, passage_ids=passages), SamplingParams(max_new_tokens=10, stop=(stop,))
+            _prefill(gen, "ape", q, passages), SamplingParams(max_new_tokens=10, stop=(stop,))
         )
     )
     assert streamed == text
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_generator):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
 
     def run(sp):
-        return gen.generate(gen.prefill("parallel", q, passage_ids=passages), sp)[0]
+        return gen.generate(_prefill(gen, "parallel", q, passages), sp)[0]
 
     a = run(SamplingParams(max_new_tokens=12, temperature=1.5, seed=7))
     b = run(SamplingParams(max_new_tokens=12, temperature=1.5, seed=7))
@@ -231,7 +244,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_generator):
 
 
 def test_sampling_params_validation():
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"temperature": math.inf}):
         with pytest.raises(InvalidInputError):
@@ -340,14 +353,14 @@ def test_reference_edge_cases():
 
 
 def test_repetition_penalty_demotes_seen_tokens(tiny_generator):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     logits = torch.tensor([3.0, 2.9, -1.0, 0.5])
     plain = SamplingParams(max_new_tokens=1)
     penal = SamplingParams(max_new_tokens=1, repetition_penalty=1.5)
-    assert tiny_generator._pick(logits, plain, None, [0]) == 0
-    assert tiny_generator._pick(logits, penal, None, [0]) == 1  # 3.0 / 1.5 < 2.9
-    assert tiny_generator._pick(logits, penal, None, []) == 0
+    assert pick_token(logits, plain, None, [0]) == 0
+    assert pick_token(logits, penal, None, [0]) == 1  # 3.0 / 1.5 < 2.9
+    assert pick_token(logits, penal, None, []) == 0
     assert logits[0] == 3.0  # the caller's logits are not modified
     with pytest.raises(InvalidInputError):
         SamplingParams(repetition_penalty=0.5)
@@ -358,7 +371,7 @@ def test_shift_keys_equals_rotary_at_the_later_position(tiny_generator):
 
     gen = tiny_generator
     g = torch.Generator().manual_seed(5)
-    raw = torch.randn(1, gen.num_kv_heads, 7, gen.head_dim, generator=g)
+    raw = torch.randn(gen.num_layers, gen.num_kv_heads, 7, gen.head_dim, generator=g)
     rotary = gen.model.model.rotary_emb
 
     def rope(start):
@@ -374,27 +387,27 @@ def test_shift_keys_equals_rotary_at_the_later_position(tiny_generator):
 def test_distinct_positions_place_the_question_after_all_passages(tiny_generator):
     gen = tiny_generator
     passages, q = _pieces(gen)
-    shared = gen.prefill("parallel", q, passage_ids=passages)
-    distinct = gen.prefill("parallel", q, passage_ids=passages, positions="distinct")
+    shared = _prefill(gen, "parallel", q, passages)
+    distinct = _prefill(gen, "parallel", q, passages, positions="distinct")
     p_len = len(gen.prefix_ids)
     assert shared.next_position == p_len + max(map(len, passages)) + len(q)
     assert distinct.next_position == p_len + sum(map(len, passages)) + len(q)
     assert (shared.logits - distinct.logits).abs().max().item() > 1e-3
-    one = gen.prefill("parallel", q, passage_ids=passages[:1], positions="distinct")
-    seq = gen.prefill("sequential", q, passage_ids=passages[:1])
+    one = _prefill(gen, "parallel", q, passages[:1], positions="distinct")
+    seq = _prefill(gen, "sequential", q, passages[:1])
     assert (one.logits - seq.logits).abs().max().item() <= 1e-4
     with pytest.raises(InvalidInputError):
-        gen.prefill("ape", q, passage_ids=passages, positions="sideways")
+        _prefill(gen, "ape", q, passages, positions="sideways")
 
 
 def test_answer_convenience_matches_the_explicit_steps(tiny_generator):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     gen = tiny_generator
     passages, q = _pieces(gen)
     sp = SamplingParams(max_new_tokens=6)
     for mode in ("sequential", "parallel", "ape"):
-        explicit = gen.generate(gen.prefill(mode, q, passage_ids=passages, temperature=0.9, scale=1.0), sp)[0]
+        explicit = gen.generate(_prefill(gen, mode, q, passages, temperature=0.9, scale=1.0), sp)[0]
         assert gen.answer(QUESTION, [(t, x) for t, x in PASSAGES], mode=mode, sampling=sp) == explicit
         streamed = "".join(
             e.text for e in gen.answer(QUESTION, PASSAGES, mode=mode, sampling=sp, stream=True)
@@ -409,8 +422,8 @@ def test_answer_convenience_matches_the_explicit_steps(tiny_generator):
 def test_blend_with_everything_recomputed_equals_sequential(tiny_generator):
     gen = tiny_generator
     passages, q = _pieces(gen)
-    seq = gen.prefill("sequential", q, passage_ids=passages)
-    full = gen.prefill("blend", q, passage_ids=passages, blend_ratio=1.0)
+    seq = _prefill(gen, "sequential", q, passages)
+    full = _prefill(gen, "blend", q, passages, blend_ratio=1.0)
     assert full.next_position == seq.next_position
     assert (seq.logits - full.logits).abs().max().item() <= 1e-4
     # The recomputed cache is the sequential cache, slot for slot, at every layer.
@@ -423,13 +436,13 @@ def test_blend_with_everything_recomputed_equals_sequential(tiny_generator):
 def test_blend_with_nothing_recomputed_is_distinct_parallel(tiny_generator):
     gen = tiny_generator
     passages, q = _pieces(gen)
-    seq = gen.prefill("sequential", q, passage_ids=passages)
-    none = gen.prefill("blend", q, passage_ids=passages, blend_ratio=0.0)
-    distinct = gen.prefill("parallel", q, passage_ids=passages, positions="distinct")
+    seq = _prefill(gen, "sequential", q, passages)
+    none = _prefill(gen, "blend", q, passages, blend_ratio=0.0)
+    distinct = _prefill(gen, "parallel", q, passages, positions="distinct")
     assert (none.logits - distinct.logits).abs().max().item() <= 1e-5
     assert (none.logits - seq.logits).abs().max().item() > 1e-3  # so the first test can fail
     # A partial recompute is neither.
-    part = gen.prefill("blend", q, passage_ids=passages, blend_ratio=0.3)
+    part = _prefill(gen, "blend", q, passages, blend_ratio=0.3)
     assert (part.logits - seq.logits).abs().max().item() > 1e-5
     assert (part.logits - none.logits).abs().max().item() > 1e-5
 
@@ -468,9 +481,61 @@ def test_ape_does_not_depend_on_passage_order(tiny_generator):
     passages, q = _pieces(gen)
     order = [2, 0, 1]
     for mode in ("parallel", "ape"):
-        a = gen.prefill(mode, q, passage_ids=passages, temperature=0.9, scale=0.8)
-        b = gen.prefill(mode, q, passage_ids=[passages[i] for i in order], temperature=0.9, scale=0.8)
+        a = _prefill(gen, mode, q, passages, temperature=0.9, scale=0.8)
+        b = _prefill(gen, mode, q, [passages[i] for i in order], temperature=0.9, scale=0.8)
         assert (a.logits - b.logits).abs().max().item() <= 1e-4, mode
-    s1 = gen.prefill("sequential", q, passage_ids=passages)
-    s2 = gen.prefill("sequential", q, passage_ids=[passages[i] for i in order])
+    s1 = _prefill(gen, "sequential", q, passages)
+    s2 = _prefill(gen, "sequential", q, [passages[i] for i in order])
     assert (s1.logits - s2.logits).abs().max().item() > 1e-3
+
+
+# --------------------------------------------------------------------------- one input shape per mode
+
+
+def test_prefill_takes_token_ids_when_sequential_and_a_joined_context_otherwise(tiny_generator):
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    context = gen.context(passages)
+    assert context.lengths == [len(p) for p in passages] and context.prefix_tokens == len(gen.prefix_ids)
+    with pytest.raises(InvalidInputError, match="token ids"):
+        gen.prefill("sequential", q, context)
+    with pytest.raises(InvalidInputError, match="JoinedContext"):
+        gen.prefill("parallel", q, passages)
+    # A context whose passages do not add up to its cache is refused where it is built.
+    with pytest.raises(InvalidInputError, match="holds"):
+        JoinedContext(context.kv, context.prefix_tokens, passages[:2])
+    with pytest.raises(InvalidInputError, match="no tokens"):
+        JoinedContext(context.kv, context.prefix_tokens, [*passages, []])
+    with pytest.raises(InvalidInputError):
+        JoinedContext.join(gen.encode_prefix(), [], passages)
+    # Building the context from separately computed caches is the same as letting it compute them.
+    prefix = gen.encode_prefix()
+    again = gen.context(passages, prefix=prefix, passages=gen.encode_passages(passages, prefix))
+    assert torch.equal(again.kv.keys, context.kv.keys) and again.passage_ids == context.passage_ids
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mode": "fast"},
+        {"positions": "sideways"},
+        {"blend_ratio": 1.5},
+        {"blend_ratio": -0.1},
+        {"temperature": 0.0},
+        {"scale": math.nan},
+        {"temperature": [1.0, -1.0]},
+    ],
+)
+def test_prefill_policy_is_checked_once_when_made(bad):
+    with pytest.raises(InvalidInputError):
+        PrefillPolicy(**bad)
+
+
+def test_prefill_policy_per_layer_values_must_match_the_layers(tiny_generator):
+    gen = tiny_generator
+    passages, q = _pieces(gen)
+    policy = PrefillPolicy("ape", temperature=[0.9] * (gen.num_layers + 1))
+    assert policy.temperature == (0.9,) * (gen.num_layers + 1)
+    with pytest.raises(InvalidInputError, match="per-layer"):
+        gen.prefill(policy, q, gen.context(passages))
+    assert PrefillPolicy("blend").distinct and not PrefillPolicy("ape").distinct

@@ -46,30 +46,34 @@ def test_real_model_one_passage_parallel_equals_sequential(smollm2):
     g = smollm2
     p = [g.passage_ids(PASSAGE[1], PASSAGE[0])]
     q = g.question_ids("When was the Velmora Bridge completed?")
-    seq = g.prefill("sequential", q, passage_ids=p)
-    par = g.prefill("parallel", q, passage_ids=p)
+    seq = g.prefill("sequential", q, p)
+    par = g.prefill("parallel", q, g.context(p))
     assert (seq.logits - par.logits).abs().max().item() <= 1e-4
 
 
 def test_real_model_answers_from_cached_passages(smollm2):
-    from kvrag.rag.generation.generator import SamplingParams
+    from kvrag.rag.generation.sampling import SamplingParams
 
     g = smollm2
     passages = [g.passage_ids(t, title) for title, t in (OTHER, PASSAGE)]
     q = g.question_ids("When was the Velmora Bridge completed?")
     prefix = g.encode_prefix()
     caches = g.encode_passages(passages, prefix)
-    s = g.prefill("sequential", q, passage_ids=passages)
+    s = g.prefill("sequential", q, passages)
     text, _ = g.generate(s, SamplingParams(max_new_tokens=16, stop=("\n",)))
     assert "1764" in text, text
     # A 135M model's greedy answers from parallel caches are fragile (a year off by a digit), so the cached
     # modes are checked on the gold answer's likelihood, which the passages must raise.
     # The context matters: without passages the gold answer is much less likely.
     gold = g._encode(" 1764")
-    with_ctx = g.answer_logprobs(g.prefill("ape", q, prefix=prefix, passages=caches), gold)
-    without = g.answer_logprobs(g.prefill("ape", q, prefix=prefix, passages=[]), gold)
+    with_ctx = g.answer_logprobs(
+        g.prefill("ape", q, g.context(passages, prefix=prefix, passages=caches)), gold
+    )
+    without = g.answer_logprobs(g.prefill("ape", q, g.context([], prefix=prefix)), gold)
     assert sum(with_ctx) > sum(without) + 1.0
-    parallel = g.answer_logprobs(g.prefill("parallel", q, prefix=prefix, passages=caches), gold)
+    parallel = g.answer_logprobs(
+        g.prefill("parallel", q, g.context(passages, prefix=prefix, passages=caches)), gold
+    )
     print("gold log-prob: ape", sum(with_ctx), "parallel", sum(parallel), "no context", sum(without))
     assert sum(parallel) > sum(without) + 1.0
     assert torch.isfinite(torch.tensor(with_ctx)).all()

@@ -10,6 +10,7 @@ import torch
 
 from kvrag.kernels import ape_attention as mod
 from kvrag.kernels.ape_attention import ape_attention, ape_attention_torch, ape_attention_triton
+from kvrag.rag.generation.prefill import PrefillPolicy
 
 
 def _inputs(b, hkv, rep, n, q_len, d, *, dtype=torch.float32, seed=0):
@@ -159,9 +160,7 @@ def test_generator_ape_goes_through_the_dispatcher_on_cpu(tiny_generator, monkey
     monkeypatch.setattr(mod, "ape_attention_triton", boom)
     gen = tiny_generator
     passages = [gen.passage_ids("the cat sat on the mat", "cats"), gen.passage_ids("dogs bark", "dogs")]
-    gen.prefill(
-        "ape", gen.question_ids("where is the cat?"), passage_ids=passages, temperature=0.9, scale=0.9
-    )
+    gen.prefill(PrefillPolicy("ape", 0.9, 0.9), gen.question_ids("where is the cat?"), gen.context(passages))
     assert len(calls) == gen.num_layers  # one call per layer for the question prefill
 
 
@@ -182,10 +181,11 @@ def test_generator_with_the_triton_kernel_matches_the_reference(tiny_generator, 
         gen.passage_ids("small birds", "birds"),
     ]
     q = gen.question_ids("where did the cat sit?")
-    ref_ape = gen.prefill("ape", q, passage_ids=passages, temperature=0.9, scale=0.9).logits
-    seq_one = gen.prefill("sequential", q, passage_ids=passages[:1]).logits
+    ape = PrefillPolicy("ape", 0.9, 0.9)
+    ref_ape = gen.prefill(ape, q, gen.context(passages)).logits
+    seq_one = gen.prefill("sequential", q, passages[:1]).logits
     monkeypatch.setattr(ape_mod, "ape_attention", functools.partial(mod.ape_attention, backend="triton"))
-    tri_ape = gen.prefill("ape", q, passage_ids=passages, temperature=0.9, scale=0.9).logits
-    tri_par = gen.prefill("parallel", q, passage_ids=passages[:1]).logits
+    tri_ape = gen.prefill(ape, q, gen.context(passages)).logits
+    tri_par = gen.prefill("parallel", q, gen.context(passages[:1])).logits
     assert (tri_ape - ref_ape).abs().max().item() <= 1e-4
     assert (tri_par - seq_one).abs().max().item() <= 1e-4

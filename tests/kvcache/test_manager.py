@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvrag.rag.generation.generator import KV, Generator
+from kvrag.rag.generation.cache import KV, JoinedContext
+from kvrag.rag.generation.generator import Generator
 from kvrag.rag.kvcache import FileStore, KVStore, MemoryStore, RedisStore, decode_kv, open_kv_store
 from kvrag.rag.kvcache.keys import KEY_PREFIX, LAYOUT_VERSION, PassageKVKey
 from kvrag.rag.kvcache.manager import KVCacheManager
@@ -594,7 +595,7 @@ def test_prefill_from_joined_equals_prefill_from_pieces(tiny_generator) -> None:
     joined, _ = mgr.get_joined(passages)
     caches, _ = mgr.get(passages)
     for mode in ("parallel", "ape"):
-        a = tiny_generator.prefill(mode, q, joined=(joined.kv, joined.prefix_tokens, joined.lengths))
-        b = tiny_generator.prefill(mode, q, prefix=mgr.prefix(), passages=caches)
+        a = tiny_generator.prefill(mode, q, JoinedContext(joined.kv, joined.prefix_tokens, passages))
+        b = tiny_generator.prefill(mode, q, JoinedContext.join(mgr.prefix(), caches, passages))
         assert (a.logits - b.logits).abs().max().item() <= 1e-5
         assert a.next_position == b.next_position and a.ape == b.ape

@@ -10,7 +10,8 @@ import torch
 from kvrag.errors import InvalidInputError
 from kvrag.index.collection import Collection, CollectionConfig
 from kvrag.index.job import Document, index_documents
-from kvrag.rag.generation.generator import SamplingParams, TokenEvent
+from kvrag.rag.generation.sampling import SamplingParams
+from kvrag.rag.generation.streaming import TokenEvent
 from kvrag.rag.kvcache import MemoryStore, open_kv_store
 from kvrag.rag.kvcache.manager import KVCacheManager
 from kvrag.rag.pipeline import Citation, RagAnswer, RagPipeline
