@@ -18,7 +18,6 @@ import torch
 
 from kvrag.errors import InvalidInputError
 from kvrag.rag.eval.squad import load_squad
-from kvrag.rag.generation.cache import JoinedContext
 from kvrag.rag.generation.generator import Generator
 from kvrag.rag.generation.prefill import PrefillPolicy
 from kvrag.rag.kvcache.manager import KVCacheManager
@@ -91,7 +90,7 @@ def run_ttft_bench(
         policy = (
             PrefillPolicy("ape", 0.9, 1.0) if ratio is None else PrefillPolicy("blend", blend_ratio=ratio)
         )
-        s = generator.prefill(policy, q, JoinedContext(joined.kv, joined.prefix_tokens, p_ids))
+        s = generator.prefill(policy, q, joined)
         int(torch.argmax(s.logits))
         total = (time.perf_counter() - t0) * 1000
         if report.misses or report.corrupt:

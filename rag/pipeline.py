@@ -12,7 +12,6 @@ from kvrag.errors import InvalidInputError
 from kvrag.index.collection import Collection, Hit
 from kvrag.index.ingest import kv_text
 from kvrag.rag.generation.blend import DEFAULT_BLEND_RATIO
-from kvrag.rag.generation.cache import JoinedContext
 from kvrag.rag.generation.generator import Generator
 from kvrag.rag.generation.prefill import PrefillPolicy, Session
 from kvrag.rag.generation.sampling import SamplingParams
@@ -149,8 +148,7 @@ class RagPipeline:
                 "decode_ms": round(report.decode_ms, 3),
                 "recompute_ms": round(report.compute_ms, 3),
             }
-            context = JoinedContext(joined.kv, joined.prefix_tokens, p_ids)
-            session = self.generator.prefill(policy, q_ids, context, max_new_tokens=max_new_tokens)
+            session = self.generator.prefill(policy, q_ids, joined, max_new_tokens=max_new_tokens)
         timings = {
             "retrieval_ms": (t1 - t0) * 1000,
             "kv_fetch_ms": fetch_ms,

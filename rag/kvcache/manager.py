@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvrag.errors import InvalidInputError
-from kvrag.rag.generation.cache import KV
+from kvrag.rag.generation.cache import KV, JoinedContext
 from kvrag.rag.generation.generator import Generator
 from kvrag.rag.kvcache.codec import CODECS, CorruptBlobError, decode_kv, encode_kv
 from kvrag.rag.kvcache.keys import PassageKVKey
@@ -30,15 +30,6 @@ class FetchReport:
     misses: int = 0
     corrupt: int = 0
     bytes: int = 0
-
-
-@dataclass
-class JoinedKV:
-    """The prefix and k passages in one cache-layout tensor pair (layers, kv_heads, tokens, head_dim)."""
-
-    kv: KV
-    prefix_tokens: int
-    lengths: list[int]
 
 
 class KVCacheManager:
@@ -107,7 +98,7 @@ class KVCacheManager:
             pos += n
         return out, report
 
-    def get_joined(self, passages: Sequence[Sequence[int]]) -> tuple[JoinedKV, FetchReport]:
+    def get_joined(self, passages: Sequence[Sequence[int]]) -> tuple[JoinedContext, FetchReport]:
         """Like `get`, but decodes every blob straight into one preallocated cache (prefix first, then
         the passages in order): no per-passage tensors and no concatenation at query time."""
         if any(len(p) == 0 for p in passages):
@@ -171,7 +162,7 @@ class KVCacheManager:
             recomputed=len(unique),
             written=len(unique),
         )
-        return JoinedKV(KV(keys_t, values_t), prefix.tokens, lengths), report
+        return JoinedContext(KV(keys_t, values_t), prefix.tokens, passages), report
 
     def ensure(self, passages: Sequence[Sequence[int]], *, progress: bool = False, chunk: int = 256) -> dict:
         """Indexing time: compute and store the caches of passages not yet in the store.

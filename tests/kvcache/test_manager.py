@@ -595,7 +595,7 @@ def test_prefill_from_joined_equals_prefill_from_pieces(tiny_generator) -> None:
     joined, _ = mgr.get_joined(passages)
     caches, _ = mgr.get(passages)
     for mode in ("parallel", "ape"):
-        a = tiny_generator.prefill(mode, q, JoinedContext(joined.kv, joined.prefix_tokens, passages))
+        a = tiny_generator.prefill(mode, q, joined)
         b = tiny_generator.prefill(mode, q, JoinedContext.join(mgr.prefix(), caches, passages))
         assert (a.logits - b.logits).abs().max().item() <= 1e-5
         assert a.next_position == b.next_position and a.ape == b.ape
