@@ -128,9 +128,12 @@ class Collection:
         self._index: VectorIndex | None = None
         self._bm25: BM25Index | None = None
         self.bm25_dirty = False
+        # commit applies the passages' changes to BM25 (False: rebuilds it, as earlier versions did)
+        self.bm25_incremental = True
         self._writer = threading.RLock()
         self._writer_fd: int | None = None
         self._writer_depth = 0
+        self.saved_stamp: int | None = None  # `stamp` after this object's last save
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod
@@ -169,6 +172,15 @@ class Collection:
             raise
         fsync_dir(folder.parent)
         return cls(folder, name, config, PassageStore(folder / "passages.sqlite"), device=device)
+
+    @classmethod
+    def stamp(cls, home: Path, name: str) -> int:
+        """When the collection's vector index was last saved (its manifest's mtime in ns; 0 when
+        there is none): an open collection whose stamp moved was written by another process."""
+        try:
+            return (cls.folder_for(home, name) / "vectors" / "manifest.json").stat().st_mtime_ns
+        except OSError:
+            return 0
 
     @classmethod
     def open(cls, home: Path, name: str, *, device: str | None = None) -> Collection:
@@ -280,7 +292,9 @@ class Collection:
         return self._bm25  # type: ignore[return-value]
 
     def rebuild_bm25(self, *, save: bool = True) -> None:
-        """Build BM25 over the stored passages; `save` writes it (a new generation) to bm25/."""
+        """Build BM25 over all stored passages, O(N): when the saved index is missing, unreadable or
+        of an earlier layout (`commit` otherwise updates it in place); `save` writes it (a new
+        generation) to bm25/."""
         ids: list[int] = []
         texts: list[str] = []
         for batch_ids, batch_texts in self.store.iter_texts():
@@ -294,19 +308,72 @@ class Collection:
             self.bm25_dirty = False
 
     def commit(self) -> None:
-        """Persist the vector index, then refresh BM25 after changes, holding the writer lock.
+        """Persist the vector index, then bring BM25 in line with the store after changes
+        (`bm25_dirty`), holding the writer lock. Both cost what changed, not the collection's size:
+        the vector save appends to its id log, BM25 takes the passages added and deleted since it
+        was last in step (`update_bm25`).
 
         Each step is crash-safe on its own, so a kill leaves one of these states, all of which
         `index.job.recover` detects by comparing ids and repairs: SQLite ahead of both indexes (a
         kill before or during the vector save: the manifest still names the previous generation),
         or the vectors current and BM25 a generation behind (a kill before or during the BM25 save:
         bm25.json still names the previous generation). Vectors go first as they cost the most to
-        recompute; BM25 is rebuilt from the store in seconds."""
+        recompute."""
         with self.writing():
+            removed = np.zeros(0, dtype=np.int64)
             if self._index is not None:
+                removed = self._index.unsaved_removals()  # before the save forgets them
                 self._index.save(self.folder / "vectors")
+                self.saved_stamp = self.stamp(self.folder.parent.parent, self.name)
             if self.bm25_dirty:
+                self.update_bm25(removed)
+
+    def update_bm25(self, removed_hint: np.ndarray | None = None) -> None:
+        """Apply the passages added to and deleted from the store since BM25 was last in step with it
+        (the one in memory, else the saved one), and save it; a full `rebuild_bm25` when there is no
+        usable saved index or `bm25_incremental` is off.
+
+        The delta costs what changed. Passage ids are never reused and only grow (SQLite
+        AUTOINCREMENT), and BM25 was in step with the store at some earlier moment (a build reads
+        every stored passage, an update ends in step), so every passage stored now whose id is at
+        most the largest id BM25 has held is in BM25: the added passages are those past that id. The
+        deleted ones are looked for among `removed_hint` (the ids the vector index lost since its
+        last save) and the counts confirm them: with the additions and deletions applied, BM25 holds
+        exactly the stored passages if and only if its count equals the store's. When it does not
+        (a delete the vector index did not see, a saved BM25 older than the last vector save) the
+        delta comes from comparing the id lists, O(N) in NumPy but with no re-tokenising."""
+        with self.writing():
+            bm = self._bm25 if self._bm25 is not None else self._saved_bm25()
+            if bm is None or not bm.incremental or not self.bm25_incremental:
                 self.rebuild_bm25()
+                return
+            hint = np.unique(np.asarray([] if removed_hint is None else removed_hint, dtype=np.int64))
+            added, texts = self.store.texts_after(bm.max_id)
+            gone = bm.live_among(np.asarray(self.store.missing_ids(hint.tolist()), dtype=np.int64))
+            if bm.count - len(gone) + len(added) != self.store.counts()["passages"]:
+                held, stored = np.sort(bm.ids), self.stored_ids()
+                gone = np.setdiff1d(held, stored, assume_unique=True)
+                added, texts = self.store.texts(np.setdiff1d(stored, held, assume_unique=True).tolist())
+            try:
+                bm.update(added, texts, gone)
+            except InvalidInputError:  # it does not match the store after all: start over
+                self.rebuild_bm25()
+                return
+            except BaseException:
+                self._bm25 = None  # possibly half-updated: reloaded from disk when next needed
+                raise
+            self._bm25 = bm
+            bm.save(self.folder / "bm25")
+            self.bm25_dirty = False
+
+    def _saved_bm25(self) -> BM25Index | None:
+        """The saved BM25 index, None when there is none or it is unreadable."""
+        if not (self.folder / "bm25" / "bm25.json").exists():
+            return None
+        try:
+            return BM25Index.load(self.folder / "bm25")
+        except CorruptIndexError:
+            return None
 
     @contextlib.contextmanager
     def writing(self, *, blocking: bool = True) -> Iterator[bool]:

@@ -271,7 +271,17 @@ def _input_dim(collection: Collection, encoder: Encoder) -> int | None:
 
 
 def repair(collection: Collection, encoder: Encoder) -> int:
-    """Make the vector index hold exactly the store's passages; returns how many entries changed."""
+    """Make the vector index hold exactly the store's passages; returns how many entries changed.
+
+    The usual case, nothing to repair, is told apart cheaply: the index holds as many live vectors
+    as the store holds passages, and the newest stored passage is among them. Passage ids only grow,
+    and a run embeds its passages in the order it stores them, so what a killed run leaves behind
+    (the newest passages not embedded) or a count that differs sends it to the full comparison."""
+    cfg = collection.config
+    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
+    newest = collection.store.max_passage_id()
+    if index.ntotal == collection.store.counts()["passages"] and (newest is None or index.has_id(newest)):
+        return 0
     removed, added = _sync_vectors(collection, encoder)
     return removed + added
 
@@ -283,8 +293,8 @@ def _sync_vectors(collection: Collection, encoder: Encoder) -> tuple[int, int]:
     index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
     stored = collection.stored_ids()
     indexed = index.row_ids[index.row_ids >= 0]
-    orphans = np.setdiff1d(indexed, stored).tolist()
-    missing = np.setdiff1d(stored, indexed).tolist()
+    orphans = np.setdiff1d(indexed, stored, assume_unique=True).tolist()
+    missing = np.setdiff1d(stored, indexed, assume_unique=True).tolist()
     index.remove(orphans)
     if missing:
         plan = IngestPlan(collection)
@@ -335,7 +345,7 @@ def recover(collection: Collection, encoder: Encoder) -> dict[str, Any]:
         if not vectors_ok:
             collection.commit()
         elif collection.bm25_dirty:
-            collection.rebuild_bm25()
+            collection.update_bm25()  # what changed since it was in step (a rebuild if unusable)
     return report
 
 

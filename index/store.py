@@ -212,6 +212,37 @@ class PassageStore:
         joined = self.db.execute("SELECT group_concat(id) FROM passages").fetchone()[0]
         return np.sort(np.fromstring(joined or "", dtype=np.int64, sep=","))
 
+    def texts_after(self, last_id: int) -> tuple[list[int], list[str]]:
+        """(ids, texts) of the passages whose id is above `last_id`, in id order: those added since a
+        moment when `last_id` was taken (ids only grow), found through the primary key alone."""
+        rows = self.db.execute("SELECT id, text FROM passages WHERE id > ? ORDER BY id", (int(last_id),))
+        found = rows.fetchall()
+        return [r[0] for r in found], [r[1] for r in found]
+
+    def texts(self, ids: Sequence[int]) -> tuple[list[int], list[str]]:
+        """(ids, texts) of the given passages that are stored, in id order."""
+        found: list[tuple[int, str]] = []
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found += self.db.execute(
+                f"SELECT id, text FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+        found.sort()
+        return [r[0] for r in found], [r[1] for r in found]
+
+    def missing_ids(self, ids: Sequence[int]) -> list[int]:
+        """Those of `ids` that no stored passage has (deleted, or never stored)."""
+        ids = [int(i) for i in ids]
+        present: set[int] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = self.db.execute(
+                f"SELECT id FROM passages WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            present.update(r[0] for r in rows)
+        return [i for i in ids if i not in present]
+
     def passages(self, ids: Sequence[int]) -> list[PassageRow]:
         """Rows for the given ids, in the same order (unknown ids are skipped)."""
         found: dict[int, PassageRow] = {}
@@ -350,6 +381,10 @@ class PassageStore:
             params += values
         sql = f"SELECT p.id FROM passages p JOIN documents d ON d.id = p.doc_id WHERE {' AND '.join(where)}"
         return [r[0] for r in self.db.execute(sql, params)]
+
+    def max_passage_id(self) -> int | None:
+        """The newest passage id (ids only grow); None for an empty store."""
+        return self.db.execute("SELECT MAX(id) FROM passages").fetchone()[0]
 
     def counts(self) -> dict[str, int]:
         docs = self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]

@@ -32,6 +32,11 @@ Options are `StrEnum`s (`vectors.spec`), validated when the index is made; they 
 saved in manifests. Saving is crash-safe (`vectors.persist`): data files of generation g+1 are
 written beside those of g, then the manifest is atomically replaced; a crash at any point leaves
 generation g readable.
+
+Saving is incremental: a save that added or deleted a few rows appends them to an id log and writes
+no FAISS file, so that a one-passage write costs the same in a collection of any size; the FAISS
+index is rewritten whole only by a compaction (`compaction` sets when; `compact()` forces one), and
+a load re-adds the logged rows to FAISS from the stored float rows (see `vectors.persist`).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from kvrag.index.vectors.base import FamilyStrategy
 from kvrag.index.vectors.binary import BinaryStrategy
 from kvrag.index.vectors.floating import FloatStrategy
 from kvrag.index.vectors.int8 import Int8Strategy
-from kvrag.index.vectors.persist import FORMAT_VERSION, MANIFEST
+from kvrag.index.vectors.persist import EVERY_SAVE, FORMAT_VERSION, MANIFEST, Compaction
 from kvrag.index.vectors.rows import RowStore
 from kvrag.index.vectors.spec import (
     SCANS,
@@ -73,12 +78,14 @@ from kvrag.index.vectors.spec import (
 )
 
 __all__ = [
+    "EVERY_SAVE",
     "FORMAT_VERSION",
     "MANIFEST",
     "SCANS",
     "STRATEGIES",
     "AdaptorMethod",
     "BinaryMethod",
+    "Compaction",
     "Family",
     "IndexSpec",
     "Precision",
@@ -147,6 +154,9 @@ class VectorIndex:
             RowStore("int8", dim) if self.rescore_with is RescoreCodec.INT8 else None
         )
         self._files = persist.IndexFiles()
+        self.compaction = Compaction()  # when a save rewrites the FAISS index (not saved)
+        # rows deleted since the last save, and their ids: the id log entries of the next save
+        self._unsaved_removals: list[tuple[np.ndarray, np.ndarray]] = []
         self._family.use_scan(*resolve_scan(self.spec, device, scan))
 
     # -- the strategy's state, as attributes ------------------------------------------------------
@@ -241,6 +251,7 @@ class VectorIndex:
             self.int8 = Int8Calibration.fit(x)
         for role in self._family.array_roles:  # the codec's arrays are refitted below
             self._files.forget(role)
+        self._files.index_changed()  # rows logged since the last compaction were coded the old way
         self._family.train(x, q, self.int8)
 
     # -- data -----------------------------------------------------------------------------------
@@ -248,6 +259,10 @@ class VectorIndex:
     def ntotal(self) -> int:
         """Number of live (not deleted) vectors."""
         return int((self.row_ids >= 0).sum())
+
+    def has_id(self, id_: int) -> bool:
+        """Whether a live vector is stored under `id_`."""
+        return int(id_) in self._rows_of()
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors as a float32 2-D array of the width `add` and `search` take (`input_dim`)."""
@@ -326,9 +341,17 @@ class VectorIndex:
         )
         if len(rows) == 0:
             return 0
+        self._unsaved_removals.append((rows, self.row_ids[rows].copy()))
         self.row_ids[rows] = -1
         self._family.remove(rows)
         return len(rows)
+
+    def unsaved_removals(self) -> np.ndarray:
+        """The ids deleted since the index was last saved or loaded (callers that keep other indexes
+        in step with this one read their deltas here)."""
+        if not self._unsaved_removals:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([ids for _, ids in self._unsaved_removals])
 
     def _faiss_rows(self) -> int:
         """How many entries the FAISS index should hold (binary IVF drops deleted ones)."""
@@ -433,20 +456,33 @@ class VectorIndex:
             "live": self.ntotal,
         }
 
-    def save(self, directory: str | os.PathLike | None = None) -> Path:
-        """Write a new generation of the index into `directory` (default: where it was loaded from)."""
+    def save(self, directory: str | os.PathLike | None = None, *, compact: bool = False) -> Path:
+        """Write a new generation of the index into `directory` (default: where it was loaded from):
+        an id log append when the rows changed since the last save fit `compaction`, else (or with
+        `compact`) the FAISS index and id map whole."""
         folder = Path(directory) if directory is not None else self.directory
         if folder is None:
             raise InvalidInputError("save() needs a directory for an index that was never saved")
         matrix = self.adaptor.matrix if self.adaptor is not None else None
-        return self._files.save(
+        removed = [rows for rows, _ in self._unsaved_removals]
+        self._files.save(
             folder,
             rows={"vectors": self.floats, "codes": self.codes},
             arrays={**self._family.arrays(), "adaptor": matrix},
             write_index=self._family.write_index,
             row_ids=self.row_ids,
+            removed_rows=np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64),
             body=self._manifest_body,
+            compaction=self.compaction,
+            compact=compact,
         )
+        self._unsaved_removals = []
+        return folder
+
+    def compact(self, directory: str | os.PathLike | None = None) -> Path:
+        """Save, writing the FAISS index and the id map whole (an empty id log): the load then
+        re-adds nothing."""
+        return self.save(directory, compact=True)
 
     @classmethod
     def load(
@@ -480,21 +516,44 @@ class VectorIndex:
                 self.int8 = Int8Calibration.from_json(m["int8"])
             self._family.restore(m, files.read_array)
             self._family.read_index(files.index_path())
-            self.row_ids = files.read_ids()
             rows = int(m["rows"])
+            base = files.read_ids()
+            self.row_ids = files.read_row_ids(rows, base)
             self.floats = files.rows("vectors", "float32", self.dim, rows)
             if "codes" in files.names:
                 self.codes = files.rows("codes", "int8", self.dim, rows)
-        if len(self.row_ids) != rows or self.index.ntotal != self._faiss_rows() or self.index.d != self.dim:
+            if self.index.d != self.dim or not self._replay_log(base):
+                raise persist.inconsistent(folder)
+        if len(self.row_ids) != rows or self.index.ntotal != self._faiss_rows():
             raise persist.inconsistent(folder)
         # after the checks: a bad device or scan is the caller's error, not a corrupt index
         self._family.use_scan(*resolve_scan(self.spec, device, scan))
         return self
 
+    def _replay_log(self, base: np.ndarray) -> bool:
+        """Bring the FAISS index just read (the rows of the last compaction, `base` their ids) up to
+        the id map: rows added since are re-added from the stored float rows, which the strategy
+        codes as `add` did (same calibration; an HNSW graph links them anew, so its edges may differ
+        from the writer's as they do between two builds); binary IVF also drops the rows deleted
+        since. False when the FAISS file does not hold what the manifest says."""
+        start = self._files.faiss_rows
+        drops = self._family.drops_removed
+        if self.index.ntotal != (int((base >= 0).sum()) if drops else start):
+            return False
+        new = np.arange(start, len(self.row_ids), dtype=np.int64)
+        if drops:
+            gone = np.flatnonzero((base >= 0) & (self.row_ids[:start] < 0)).astype(np.int64)
+            if len(gone):
+                self._family.remove(gone)
+            new = new[self.row_ids[new] >= 0]
+        if len(new):
+            self._family.add(np.ascontiguousarray(self.floats.take(new)), new)
+        return True
+
     @staticmethod
     def saved_ids(directory: str | os.PathLike) -> np.ndarray:
-        """The live ids of the index saved in `directory`, read from its manifest and id map alone
-        (no FAISS load): a cheap check against the caller's records. Raises CorruptIndexError when
+        """The live ids of the index saved in `directory`, read from its manifest, id map and id log
+        alone (no FAISS load): a cheap check against the caller's records. Raises CorruptIndexError when
         they cannot be read."""
         return persist.saved_ids(Path(directory))
 

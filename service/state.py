@@ -158,10 +158,7 @@ class AppState:
         return self.settings.root
 
     def _stamp(self, name: str) -> int:
-        try:
-            return (Collection.folder_for(self.home, name) / "vectors" / "manifest.json").stat().st_mtime_ns
-        except OSError:
-            return 0
+        return Collection.stamp(self.home, name)
 
     def lease(self, name: str) -> Lease:
         """Hold the open collection `name` (see `Lease`). It is reopened when its index was saved by
@@ -171,7 +168,9 @@ class AppState:
         with self._registry_lock:
             stamp = self._stamp(name)
             entry = self._entries.get(name)
-            if entry is not None and entry.stamp != stamp:
+            if entry is not None and entry.stamp != stamp and stamp == entry.collection.saved_stamp:
+                entry.stamp = stamp  # saved by this very object (an upsert here): nothing to reload
+            elif entry is not None and entry.stamp != stamp:
                 self._retire(name)
                 entry = None
             if entry is None:

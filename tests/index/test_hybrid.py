@@ -1,5 +1,6 @@
-"""Tests for index.hybrid persistence: crash-safe BM25 generations, the earlier in-place layout, torn
-files detected on load, and `Collection.bm25` rebuilding a stale or unreadable index."""
+"""Tests for index.hybrid persistence: crash-safe BM25 generations, the earlier layouts (bm25s, in
+place and per generation), torn files detected on load, and `Collection.bm25` rebuilding a stale or
+unreadable index."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from kvrag.errors import CorruptIndexError
 from kvrag.index.collection import Collection, CollectionConfig
-from kvrag.index.hybrid import BM25Index
+from kvrag.index.hybrid import BM25Index, Segment
 
 TEXTS = [
     "The harbour is full of fishing boats.",
@@ -32,11 +33,17 @@ def top(bm: BM25Index, query: str) -> int:
     return int(bm.search([query], 1)[1][0, 0])
 
 
+def bm25s_index(texts) -> bm25s.BM25:
+    """A bm25s index as earlier versions built it."""
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(texts), stopwords=None, show_progress=False), show_progress=False)
+    return retriever
+
+
 def write_legacy(folder: Path, ids=IDS, texts=TEXTS, count: int | None = None) -> None:
     """The layout of earlier versions: bm25s/, bm25_ids.npy and bm25.json, written in place."""
-    bm = built(ids, texts)
     folder.mkdir(parents=True, exist_ok=True)
-    bm._retriever.save(str(folder / "bm25s"), show_progress=False)
+    bm25s_index(texts).save(str(folder / "bm25s"), show_progress=False)
     np.save(folder / "bm25_ids.npy", np.asarray(ids, dtype=np.int64))
     (folder / "bm25.json").write_text(
         json.dumps({"language": None, "count": len(ids) if count is None else count})
@@ -85,12 +92,11 @@ def test_a_failing_save_keeps_the_previous_generation(tmp_path, monkeypatch):
     folder = tmp_path / "bm25"
     built().save(folder)
 
-    def fail(self, save_dir, **kwargs):
-        Path(save_dir).mkdir(parents=True)
-        (Path(save_dir) / "params.index.json").write_text("{")
+    def fail(self, folder):
+        (Path(folder) / "segment.npz").write_bytes(b"PK")
         raise OSError("disk full")
 
-    monkeypatch.setattr(bm25s.BM25, "save", fail)
+    monkeypatch.setattr(Segment, "write", fail)
     with pytest.raises(OSError, match="disk full"):
         built([1], TEXTS[:1]).save(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["bm25.json", "gen.1"]
@@ -116,8 +122,7 @@ def test_torn_files_are_reported_as_corrupt(tmp_path, tear):
     if tear == "count":  # bm25.json of another build
         (folder / "bm25.json").write_text(json.dumps({"language": None, "count": 2}))
     elif tear == "corpus":  # bm25s of another build, over fewer passages
-        other = built([1, 2], TEXTS[:2])
-        other._retriever.save(str(folder / "bm25s"), show_progress=False)
+        bm25s_index(TEXTS[:2]).save(str(folder / "bm25s"), show_progress=False)
     elif tear == "ids":
         (folder / "bm25_ids.npy").write_bytes((folder / "bm25_ids.npy").read_bytes()[:20])
     elif tear == "meta":
@@ -169,8 +174,8 @@ def test_a_stale_saved_bm25_is_rebuilt_on_load(coll):
 
 def test_an_unreadable_saved_bm25_is_rebuilt_on_load(coll):
     folder = coll.folder / "bm25"
-    gen = json.loads((folder / "bm25.json").read_text())["folder"]
-    (folder / gen / "bm25s" / "vocab.index.json").write_text("{")
+    gen = json.loads((folder / "bm25.json").read_text())["segments"][0]["folder"]
+    (folder / gen / "segment.npz").write_bytes(b"PK\x03\x04 torn")
     c = reopen(coll)
     try:
         assert c.bm25.ids.tolist() == c.store.passage_ids()
