@@ -59,6 +59,12 @@ class CollectionConfig:
     max_tokens: int = 256
     overlap_tokens: int = 32
     bm25_language: str | None = None
+    # when passage KV caches are computed: "eager" at indexing time (each passage once, so the first
+    # question over it is fast), "lazy" on first retrieval (written back; indexing costs no generator)
+    kv_policy: str = "eager"
+
+
+KV_POLICIES = ("eager", "lazy")
 
 
 @dataclass
@@ -153,6 +159,10 @@ class Collection:
         if config.rescore_with not in ("float32", "int8"):
             raise InvalidInputError("rescore_with must be float32 or int8")
         check_method(config.adaptor)
+        if config.kv_policy not in KV_POLICIES:
+            raise InvalidInputError(
+                f"kv_policy must be one of {', '.join(KV_POLICIES)}, not {config.kv_policy!r}"
+            )
         # built beside its final place and renamed there once complete: a process or thread that
         # opens the collection meanwhile finds either nothing or a whole store, never one still
         # being set up (two connections setting up one database answer "database is locked")

@@ -14,7 +14,9 @@ Steps, in order, each a method of `IngestPlan` (owned by the collection: `Collec
             stay on the original texts
   kv        a KV cache for `kv_text` of each passage: the ONE policy of which text gets a cache
             (the compressed text where the passage has one, else the original), used at indexing
-            time by every executor and at query time by the pipeline, so the keys always meet
+            time by every executor and at query time by the pipeline, so the keys always meet; a
+            collection whose `kv_policy` is `lazy` skips this step (caches are computed on first
+            retrieval and written back)
   commit    repair, then the vector index and BM25 saved together
 
 Executors decide where each step runs, never what it does: `index.job.run_local` runs them all in

@@ -181,7 +181,7 @@ def index_documents(
     `compression` changes the collection's compression settings (None keeps the recorded ones);
     `compressor` makes the compressed texts (None leaves passages uncompressed for now: their KV is
     then computed from the original text, as the query side will look it up); `kv` stores the
-    passage KV caches; `everything` (a full job rather than an upsert) also compresses and caches
+    passage KV caches (of an `eager` collection: a `lazy` one gets them on first retrieval); `everything` (a full job rather than an upsert) also compresses and caches
     passages an earlier run left without, not only this run's new ones. `batch_docs` passages form
     one vector group."""
     with collection.writing():
@@ -194,7 +194,7 @@ def index_documents(
         if compressor is not None:
             ids, texts = plan.compression_todo(everything=everything)
             plan.report.compression = compress_passages(plan, compressor, ids, texts, show_progress)
-        if kv is not None:
+        if kv is not None and plan.config.kv_policy == "eager":
             items = plan.kv_items(plan.kv_ids(everything=everything))
             plan.report.kv = kv.ensure_texts(items, progress=show_progress)
         plan.finish(repaired)

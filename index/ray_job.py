@@ -447,6 +447,8 @@ def index_paths_ray(
     t_ray = time.perf_counter()
     with collection.writing():  # the driver is the collection's one writer for the whole run
         plan = IngestPlan(collection, compression=compression, report=report)
+        if collection.config.kv_policy != "eager":
+            kv = None  # computed on first retrieval
         if kv is not None:
             kv = replace(kv, compression=plan.compression)
         with ray_session(options.address, options.num_cpus) as ray, _data_context(ray, show_progress):

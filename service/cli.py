@@ -389,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--prune", action="store_true", help="delete documents whose source file is gone")
     ix.add_argument("--no-kv", action="store_true", help="skip the passage KV precompute")
     ix.add_argument(
+        "--kv-policy",
+        choices=("eager", "lazy"),
+        default="eager",
+        help="new collections: compute passage KV caches now (eager) or on first retrieval (lazy,"
+        " written back; indexing loads no generator)",
+    )
+    ix.add_argument(
         "--engine",
         choices=["local", "ray"],
         default="local",

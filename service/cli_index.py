@@ -34,6 +34,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         overlap_tokens=args.overlap_tokens,
         bm25_language=args.bm25_language,
+        kv_policy=args.kv_policy,
     )
     ray_options = None
     if args.engine == "ray":
@@ -57,9 +58,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             report, kv_report = _index_local(settings, collection, args)
     finally:
         collection.close()
+    policy = collection.config.kv_policy
     compress_report = report.compression
     if args.json:
-        extra = {"engine": args.engine}
+        extra = {"engine": args.engine, "kv_policy": policy}
         if ray_options is not None:
             extra["actors"] = ray_options.actors
         if compress_report is not None:
@@ -82,9 +84,10 @@ def cmd_index(args: argparse.Namespace) -> int:
                     f"; passage tokens {c['passage_tokens_mean_original']:.1f} ->"
                     f" {c['passage_tokens_mean_compressed']:.1f} on average"
                 )
+            took = f" ({c['seconds']:.1f} s)" if "seconds" in c else ""
             print(
                 f"compression ({c['method']}, rate {c['rate']}): {c['compressed']} compressed,"
-                f" {c['reused']} already compressed{tokens} ({c['seconds']:.1f} s)"
+                f" {c['reused']} already compressed{tokens}{took}"
             )
         if kv_report:
             print(
@@ -92,6 +95,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 f" {kv_report['kv_present']} already stored, {kv_report['kv_bytes_written'] / 1e6:.1f} MB written"
                 f" ({kv_report['kv_seconds']:.1f} s)"
             )
+        elif policy == "lazy" and not args.no_kv:
+            print("passage KV: lazy (each cache is computed on its first retrieval and stored)")
     return 0
 
 
@@ -105,7 +110,8 @@ def _index_local(settings, collection, args) -> tuple:
     compression = _compression_option(settings, args)
     recorded = compression or collection.store.compression()
     generator = compressor = kv = None
-    if recorded is not None or not args.no_kv:
+    eager = collection.config.kv_policy == "eager" and not args.no_kv
+    if recorded is not None or eager:
         from kvrag.service.runtime import open_generator
 
         generator = open_generator(settings, args.generator, args.prompt)
@@ -121,7 +127,7 @@ def _index_local(settings, collection, args) -> tuple:
             device=settings.device,
             generator=generator,
         )
-    if not args.no_kv:
+    if eager:
         from kvrag.service.runtime import open_kv
 
         kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)

@@ -119,6 +119,9 @@ class CollectionCreate(_Strict, _Request):
     max_tokens: int = Field(256, ge=16, le=8192, description="passage size in encoder tokens")
     overlap_tokens: int = Field(32, ge=0, le=1024)
     bm25_language: str | None = None
+    kv_policy: Literal["eager", "lazy"] = Field(
+        "eager", description="passage KV caches at upsert time (eager) or on first retrieval (lazy)"
+    )
 
 
 class CollectionInfo(BaseModel):
@@ -129,6 +132,7 @@ class CollectionInfo(BaseModel):
     dim: int | None
     max_tokens: int
     overlap_tokens: int
+    kv_policy: str
     documents: int
     passages: int
 

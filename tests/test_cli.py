@@ -225,3 +225,12 @@ def test_training_is_not_a_product_command(capsys):
         main(["train", "code-adapter", "--out", "x"])
     assert exc.value.code == 2
     assert "invalid choice: 'train'" in capsys.readouterr().err
+
+
+def test_a_lazy_collection_is_indexed_without_passage_caches(home, src, tiny_model_dir, capsys):
+    lazy = run_json(capsys, index_argv(tiny_model_dir, src, extra=("--kv-policy", "lazy")))
+    assert lazy["kv_policy"] == "lazy" and "kv" not in lazy
+    assert not (home / "kv").exists() or not any((home / "kv").rglob("*.kv"))
+    # the policy is the collection's: a later run without the option keeps it
+    again = run_json(capsys, index_argv(tiny_model_dir, src))
+    assert again["kv_policy"] == "lazy" and "kv" not in again

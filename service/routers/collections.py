@@ -45,6 +45,7 @@ def info(c: Collection) -> CollectionInfo:
         dim=cfg.dim,
         max_tokens=cfg.max_tokens,
         overlap_tokens=cfg.overlap_tokens,
+        kv_policy=cfg.kv_policy,
         documents=counts["documents"],
         passages=counts["passages"],
     )
@@ -90,6 +91,7 @@ async def create_collection(body: CollectionCreate, state: State) -> CollectionI
         max_tokens=body.max_tokens,
         overlap_tokens=body.overlap_tokens,
         bm25_language=body.bm25_language,
+        kv_policy=body.kv_policy,
     )
 
     def create() -> CollectionInfo:

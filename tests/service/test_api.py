@@ -286,6 +286,31 @@ def test_upsert_into_a_compressed_collection_caches_the_compressed_texts(client,
     assert all(kv.store.exists_many(keys)) and not any(kv.store.exists_many(originals))
 
 
+def test_a_lazy_collection_computes_passage_caches_on_first_retrieval(client, shared_state):
+    from kvrag.index.ingest import kv_item
+
+    info = create(client, kv_policy="lazy")
+    name = info["name"]
+    assert info["kv_policy"] == "lazy"
+    tag = uuid.uuid4().hex
+    out = upsert(client, name, [{"id": "a", "title": "A", "text": f"Alpha {tag} was founded in 1820."}]).json()
+    assert out["added"] == 1 and out["kv_computed"] == 0 and out["kv_present"] == 0
+    gen, kv = shared_state.generator, shared_state.kv
+    with shared_state.lease(name) as lease:
+        rows = lease.collection.store.passages(lease.collection.store.passage_ids())
+    keys = [kv.key(gen.passage_ids(*kv_item(r))).key for r in rows]
+    assert not any(kv.store.exists_many(keys))  # nothing computed at upsert time
+    r = client.post("/v1/chat/completions", json=chat_body(name, f"When was Alpha {tag} founded?", k=1))
+    assert r.status_code == 200, r.text
+    assert all(kv.store.exists_many(keys))  # computed on first retrieval and written back
+    assert client.get(f"/v1/collections/{name}").json()["kv_policy"] == "lazy"
+
+
+def test_an_unknown_kv_policy_is_refused(client):
+    r = client.post("/v1/collections", json={"name": new_name(), "kv_policy": "sometimes"})
+    assert r.status_code == 422
+
+
 def test_upsert_without_kv(client):
     name = create(client)["name"]
     out = upsert(client, name, [{"id": "a", "text": f"Text {uuid.uuid4().hex} only."}], kv=False).json()
