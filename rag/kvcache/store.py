@@ -10,6 +10,7 @@ URLs accepted by `open_kv_store` (parsed once into a `StoreSpec` by `parse_store
 
     memory://?max_bytes=2G                      in-process LRU (default 1 GiB; K/M/G/T suffixes)
     file:///abs/path                            one file per key under /abs/path
+    file:///abs/path?max_bytes=20G              the same within a byte budget (least recently used go)
     redis://[:password@]host:port/db?timeout=0.5&ttl=SECONDS&prefix=STR&retry_after=2&max_connections=N
     rediss://...   unix:///path/redis.sock?db=0&...
     memory+file:///abs/path?mem_bytes=512M      memory LRU in front of a file store

@@ -32,6 +32,7 @@ def _redis(request: pytest.FixtureRequest) -> RedisStore:
 STORE_KINDS = [
     pytest.param("memory", id="memory"),
     pytest.param("file", id="file"),
+    pytest.param("file-budget", id="file-budget"),
     pytest.param("redis", id="redis", marks=pytest.mark.redis),
     pytest.param("memory+file", id="memory+file"),
     pytest.param("memory+redis", id="memory+redis", marks=pytest.mark.redis),
@@ -45,6 +46,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KVStore]:
         s: KVStore = MemoryStore(64 * MiB)
     elif kind == "file":
         s = FileStore(tmp_path / "kv")
+    elif kind == "file-budget":
+        s = FileStore(tmp_path / "kv", max_bytes=64 * MiB)
     elif kind == "redis":
         s = _redis(request)
     elif kind == "memory+file":

@@ -32,7 +32,7 @@ class MemoryStore(KVStore):
 
     @classmethod
     def from_spec(cls, spec: StoreSpec) -> MemoryStore:
-        return cls(spec.max_bytes)
+        return cls(spec.max_bytes if spec.max_bytes is not None else DEFAULT_MEMORY_BYTES)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         keys = check_keys(keys)

@@ -112,7 +112,7 @@ def open_kv_store(url: str | StoreSpec) -> KVStore:
 
 for _connector in (
     Connector("memory", memory_spec, MemoryStore.from_spec, "memory://?max_bytes=1G", tierable=False),
-    Connector("file", file_spec, FileStore.from_spec, "file:///abs/path"),
+    Connector("file", file_spec, FileStore.from_spec, "file:///abs/path[?max_bytes=20G]"),
     Connector("redis", redis_spec, RedisStore.from_spec, "redis://[:password@]host:port/db?ttl=..&prefix=.."),
     Connector("rediss", redis_spec, RedisStore.from_spec, "rediss://..."),
     Connector("unix", redis_spec, RedisStore.from_spec, "unix:///path.sock?db=0"),

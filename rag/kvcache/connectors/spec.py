@@ -30,7 +30,8 @@ class StoreSpec:
     """One KV store URL, parsed and checked. Which fields matter depends on `scheme`:
 
     - ``memory``: `max_bytes`.
-    - ``file``: `path` (the folder, absolute).
+    - ``file``: `path` (the folder, absolute), `max_bytes` (the byte budget of its files: the least recently
+      used go past it; None, what `file_spec` sets without ``max_bytes=``: unbounded).
     - ``redis`` / ``rediss`` (TLS): `hosts` (one ``(host, port)``), `db`; ``unix``: `path` (the socket), `db`.
     - ``redis-cluster``: `hosts` (the startup nodes; any reachable one finds the others).
     - all Redis kinds: `username`, `password`, `timeout`, `ttl`, `prefix`, `retry_after`, and `options`:
@@ -48,7 +49,7 @@ class StoreSpec:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    max_bytes: int = DEFAULT_MEMORY_BYTES
+    max_bytes: int | None = None  # memory: its LRU size (None: the default); file: its budget (None: none)
     timeout: float = DEFAULT_TIMEOUT
     ttl: int | None = None
     prefix: str = ""
@@ -172,14 +173,23 @@ def memory_spec(u: UrlParts) -> StoreSpec:
 
 
 def file_spec(u: UrlParts) -> StoreSpec:
-    """``file:///abs/path``: one file per key under the folder."""
-    u.only([])
+    """``file:///abs/path?max_bytes=20G``: one file per key under the folder; with ``max_bytes`` (K/M/G/T
+    suffixes), the least recently used files are deleted to keep their total within it (default: no limit)."""
+    u.only(["max_bytes"])
     path = unquote(u.parts.path)
     if u.parts.netloc not in ("", "localhost") or not path.startswith("/"):
         raise InvalidInputError(
             f"file KV store URLs need an absolute path, like file:///var/cache/kvrag; got {u.printable!r}"
         )
-    return StoreSpec("file", u.printable, path=path)
+    size = None
+    if "max_bytes" in u.params:
+        try:
+            size = parse_size(u.params["max_bytes"])
+        except InvalidInputError as exc:
+            raise InvalidInputError(
+                f"file KV store URL parameter max_bytes in {u.printable!r}: {exc} (leave it out for no limit)"
+            ) from None
+    return StoreSpec("file", u.printable, path=path, max_bytes=size)
 
 
 # ------------------------------------------------------------------------------------------------ Redis
