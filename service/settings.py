@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     batch_tokens: int = 8192
     embedding_cache: bool = True
     # Generation and passage KV caches.
-    generator: str = "bundled:smollm2-135m-instruct"
+    generator: str = "bundled:qwen2.5-coder-0.5b-instruct"
     prompt: str = "chat"  # chat | extractive: the prompt preset (part of every cache key)
     kv_url: str | None = None  # default: file://$KVRAG_HOME/kv (embedded, no server needed)
     kv_codec: str = "fp16"

@@ -30,7 +30,7 @@ from kvrag.rag.generation.prompt import PromptFormat, prompt_format, prompt_piec
 from kvrag.rag.generation.sampling import SamplingParams
 from kvrag.rag.generation.streaming import TokenEvent
 
-DEFAULT_GENERATOR = "bundled:smollm2-135m-instruct"
+DEFAULT_GENERATOR = "bundled:qwen2.5-coder-0.5b-instruct"
 
 __all__ = [
     "DEFAULT_BLEND_RATIO",
