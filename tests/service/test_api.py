@@ -293,7 +293,9 @@ def test_a_lazy_collection_computes_passage_caches_on_first_retrieval(client, sh
     name = info["name"]
     assert info["kv_policy"] == "lazy"
     tag = uuid.uuid4().hex
-    out = upsert(client, name, [{"id": "a", "title": "A", "text": f"Alpha {tag} was founded in 1820."}]).json()
+    out = upsert(
+        client, name, [{"id": "a", "title": "A", "text": f"Alpha {tag} was founded in 1820."}]
+    ).json()
     assert out["added"] == 1 and out["kv_computed"] == 0 and out["kv_present"] == 0
     gen, kv = shared_state.generator, shared_state.kv
     with shared_state.lease(name) as lease:
