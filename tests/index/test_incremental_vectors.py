@@ -260,6 +260,7 @@ def test_a_sigkilled_incremental_writer_leaves_a_loadable_index(tmp_path):
     folder = tmp_path / "idx"
     delays = random.Random(20240612)
     saved_before = 0
+    logged = 0  # the most log entries a kill left behind (a compaction empties the log)
     for _ in range(4):
         child = subprocess.Popen(
             [sys.executable, str(CHILD), str(folder)],
@@ -293,5 +294,6 @@ def test_a_sigkilled_incremental_writer_leaves_a_loadable_index(tmp_path):
         _, ids = loaded.search(loaded.floats.take(rows), 1)
         np.testing.assert_array_equal(ids[:, 0], loaded.row_ids[rows])
         saved_before = len(loaded.row_ids)
+        logged = max(logged, m["log_entries"])
         assert m["format_version"] == 2
-    assert saved_before > 0 and manifest(folder)["log_entries"] > 0, "no incremental save was exercised"
+    assert saved_before > 0 and logged > 0, "no incremental save was exercised"
