@@ -1,6 +1,6 @@
 """The ingest plan: how documents become searchable passages with KV caches, defined once.
 
-Steps, in order, each a method of `IngestPlan` (owned by the collection: `Collection.plan`):
+Steps, in order, each a method of `IngestPlan(collection)`:
 
   triage    a document's checks: id unique within the run, size limit, an emptied document's old
             passages removed, unchanged content skipped -> the content hash to store, or None
@@ -46,7 +46,7 @@ from kvrag.index.vector import calibrates_on_queries
 
 if TYPE_CHECKING:
     from kvrag.encoders.encoder import Encoder
-    from kvrag.index.collection import Collection
+    from kvrag.index.collection import Collection, CollectionConfig
     from kvrag.index.store import PassageRow
 
 MAX_DOC_CHARS = 2_000_000
@@ -136,6 +136,12 @@ def kv_text(text: str, compressed: str | None) -> str:
 def kv_item(row: PassageRow, *, use_compressed: bool = True) -> tuple[str, str | None]:
     """(text, document title): what `KVPrecompute` and the query side key a passage's cache by."""
     return kv_text(row.text, row.compressed if use_compressed else None), row.doc_title
+
+
+def input_dim(config: CollectionConfig, encoder_dim: int) -> int | None:
+    """What the vector index takes: with a Matryoshka adaptor the encoder's full embeddings (the index
+    adapts and truncates them itself), else None (vectors come truncated to the collection's dim)."""
+    return encoder_dim if config.adaptor != "none" else None
 
 
 def passage_rows(
@@ -272,8 +278,7 @@ class IngestPlan:
         return [embed_text(rows[i].doc_title, rows[i].text, rows[i].kind) for i in ids]
 
     def input_dim(self, encoder_dim: int) -> int | None:
-        """With a Matryoshka adaptor the index takes full embeddings and truncates them itself."""
-        return encoder_dim if self.config.adaptor != "none" else None
+        return input_dim(self.config, encoder_dim)
 
     def add_vectors(self, ids: Sequence[int], vectors: np.ndarray, encoder: Callable[[], Encoder]) -> None:
         """Add one group of vectors. The group that meets a new quantised index calibrates it, with

@@ -30,6 +30,7 @@ from kvrag.index.ingest import (
     JobReport,
     KVPrecompute,
     PassageCompressor,
+    input_dim,
 )
 
 TEXT_SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
@@ -249,13 +250,9 @@ def compress_passages(
     rate = plan.compression.rate
     t0 = time.perf_counter()
     with tqdm(total=len(ids), desc="compressing", unit="passage", disable=not show_progress) as bar:
-        for start in range(0, len(ids), batch):
-            chunk = texts[start : start + batch]
-            out = compressor.compress(chunk, rate=rate)
-            if len(out) != len(chunk):
-                raise RuntimeError(f"the compressor returned {len(out)} texts for {len(chunk)}")
-            plan.store.set_compressed(dict(zip(ids[start : start + batch], out, strict=True)))
-            bar.update(len(chunk))
+        plan.store.compress_ids(
+            ids, texts, lambda chunk: compressor.compress(chunk, rate=rate), batch=batch, progress=bar.update
+        )
     return {
         "method": plan.compression.method,
         "rate": float(rate),
@@ -263,11 +260,6 @@ def compress_passages(
         "reused": plan.store.counts()["passages"] - len(ids),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
-
-def _input_dim(collection: Collection, encoder: Encoder) -> int | None:
-    """With a Matryoshka adaptor the index takes full embeddings and truncates them itself."""
-    return encoder.dim if collection.config.adaptor != "none" else None
 
 
 def repair(collection: Collection, encoder: Encoder) -> int:
@@ -278,7 +270,9 @@ def repair(collection: Collection, encoder: Encoder) -> int:
     and a run embeds its passages in the order it stores them, so what a killed run leaves behind
     (the newest passages not embedded) or a count that differs sends it to the full comparison."""
     cfg = collection.config
-    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
+    index = collection.ensure_index(
+        cfg.dim or encoder.dim, input_dim=input_dim(collection.config, encoder.dim)
+    )
     newest = collection.store.max_passage_id()
     if index.ntotal == collection.store.counts()["passages"] and (newest is None or index.has_id(newest)):
         return 0
@@ -290,7 +284,9 @@ def _sync_vectors(collection: Collection, encoder: Encoder) -> tuple[int, int]:
     """`repair`, returning (orphan vectors removed, missing passages embedded). A new index is
     calibrated on the first passages as the job's first batch would have been."""
     cfg = collection.config
-    index = collection.ensure_index(cfg.dim or encoder.dim, input_dim=_input_dim(collection, encoder))
+    index = collection.ensure_index(
+        cfg.dim or encoder.dim, input_dim=input_dim(collection.config, encoder.dim)
+    )
     stored = collection.stored_ids()
     indexed = index.row_ids[index.row_ids >= 0]
     orphans = np.setdiff1d(indexed, stored, assume_unique=True).tolist()

@@ -334,16 +334,28 @@ class PassageStore:
         source changed) with `compress(texts) -> texts`, in batches; the original texts stay as they are."""
         self.set_compression(method, rate, source)
         ids, texts = self.uncompressed()
+        self.compress_ids(ids, texts, compress, batch=batch, progress=progress)
+        total = self.counts()["passages"]
+        return {"method": method, "rate": float(rate), "compressed": len(ids), "reused": total - len(ids)}
+
+    def compress_ids(
+        self,
+        ids: Sequence[int],
+        texts: Sequence[str],
+        compress: Callable[[list[str]], list[str]],
+        *,
+        batch: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Store `compress(texts)` as the compressed texts of passages `ids`, in batches."""
         for start in range(0, len(ids), batch):
-            chunk = texts[start : start + batch]
+            chunk = list(texts[start : start + batch])
             out = compress(chunk)
             if len(out) != len(chunk):
                 raise RuntimeError(f"the compressor returned {len(out)} texts for {len(chunk)}")
             self.set_compressed(dict(zip(ids[start : start + batch], out, strict=True)))
             if progress is not None:
                 progress(len(chunk))
-        total = self.counts()["passages"]
-        return {"method": method, "rate": float(rate), "compressed": len(ids), "reused": total - len(ids)}
 
     def filter_ids(self, flt: dict[str, Any]) -> list[int]:
         """Passage ids matching every key of a metadata filter.
