@@ -96,7 +96,7 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
     from kvrag.rag.pipeline import RagAnswer
     from kvrag.service.runtime import open_generator, open_kv, open_pipeline
 
-    generator = open_generator(settings, args.generator, args.prompt)
+    generator = open_generator(settings, args.generator, args.prompt, args.dtype)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     pipeline = open_pipeline(settings, collection, generator=generator, kv=kv)
     _recover(collection, pipeline.encoder)
@@ -104,6 +104,8 @@ def _answer(settings, collection, args: argparse.Namespace, flt: dict | None) ->
         pipeline.ape_temperature = args.ape_temperature
     if args.ape_scale is not None:
         pipeline.ape_scale = args.ape_scale
+    if args.ape_positions is not None:
+        pipeline.ape_positions = args.ape_positions
     if args.blend_ratio is not None:
         pipeline.blend_ratio = _ratios(args.blend_ratio)[0]
     sampling = SamplingParams(
@@ -191,22 +193,28 @@ def cmd_eval_rag(args: argparse.Namespace) -> int:
         raise KvragError(f"{data}: no such file")
     t = args.ape_temperature if args.ape_temperature is not None else settings.ape_temperature
     sc = args.ape_scale if args.ape_scale is not None else settings.ape_scale
+    pos = args.ape_positions or settings.ape_positions
     ratios = _ratios(args.blend_ratio) if args.blend_ratio is not None else [settings.blend_ratio]
     variants = []
     for m in filter(None, (x.strip() for x in args.mode.split(","))):
-        variants.extend(Variant.of(m, t, sc, r) for r in (ratios if m == "blend" else ratios[:1]))
+        variants.extend(Variant.of(m, t, sc, r, pos) for r in (ratios if m == "blend" else ratios[:1]))
     for pair in filter(None, (args.ape_grid or "").split(",")):
+        parts = pair.split(":")
         try:
-            gt, gs = (float(x) for x in pair.split(":"))
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("shared", "distinct")):
+                raise ValueError(pair)
+            gt, gs = float(parts[0]), float(parts[1])
         except ValueError as exc:
-            raise KvragError(f"--ape-grid takes T:S pairs separated by commas, not {pair!r}") from exc
-        variants.append(Variant.of("ape", gt, gs))
+            raise KvragError(
+                f"--ape-grid takes T:S or T:S:distinct separated by commas, not {pair!r}"
+            ) from exc
+        variants.append(Variant.of("ape", gt, gs, positions=parts[2] if len(parts) == 3 else pos))
     if args.compress is None and (args.compress_rate is not None or args.compressor_path is not None):
         raise KvragError("--compress-rate and --compressor-path apply with --compress only")
     spec = args.encoder or settings.encoder
     encoder = load_encoder(settings.encoder_config(spec))
     collection = open_eval_collection(settings.root, data, encoder, spec, show_progress=progress)
-    generator = open_generator(settings, args.generator, args.prompt)
+    generator = open_generator(settings, args.generator, args.prompt, args.dtype)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         compressor = source = None
@@ -277,7 +285,7 @@ def cmd_bench_ttft(args: argparse.Namespace) -> int:
     from kvrag.service.runtime import open_generator, open_kv
 
     settings = get_settings()
-    generator = open_generator(settings, args.generator, args.prompt)
+    generator = open_generator(settings, args.generator, args.prompt, args.dtype)
     kv = open_kv(settings, generator, url=args.kv_url, codec=args.kv_codec)
     try:
         result = run_ttft_bench(
@@ -307,6 +315,11 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
 
 def _generation_args(p: argparse.ArgumentParser, default_prompt: str | None = None) -> None:
     p.add_argument("--generator", help="generator model spec (default from KVRAG_GENERATOR)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="generator dtype (default from KVRAG_GENERATOR_DTYPE: auto = float32 on CPU)",
+    )
     p.add_argument(
         "--kv-url", help="KV store: memory://, file:///path, redis://host:port/db, memory+redis://..."
     )
@@ -352,6 +365,11 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
 def _ape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ape-temperature", type=float, help="APE temperature T (default KVRAG_APE_TEMPERATURE)")
     p.add_argument("--ape-scale", type=float, help="APE scaling factor S (default KVRAG_APE_SCALE)")
+    p.add_argument(
+        "--ape-positions",
+        choices=["shared", "distinct"],
+        help="passages at shared positions (APE) or following each other (default KVRAG_APE_POSITIONS)",
+    )
     p.add_argument(
         "--blend-ratio",
         help="blend mode: fraction of passage tokens recomputed at query time (default KVRAG_BLEND_RATIO);"

@@ -114,7 +114,7 @@ def _index_local(settings, collection, args) -> tuple:
     if recorded is not None or eager:
         from kvrag.service.runtime import open_generator
 
-        generator = open_generator(settings, args.generator, args.prompt)
+        generator = open_generator(settings, args.generator, args.prompt, args.dtype)
     if recorded is not None:
         from kvrag.index.ingest import Compression
         from kvrag.rag.compress import open_from_source

@@ -5,18 +5,22 @@ from __future__ import annotations
 from kvrag.encoders.encoder import load_encoder
 from kvrag.index.collection import Collection
 from kvrag.rag.generation.generator import Generator
+from kvrag.rag.generation.loading import parse_dtype
 from kvrag.rag.kvcache.manager import KVCacheManager
 from kvrag.rag.kvcache.store import open_kv_store
 from kvrag.rag.pipeline import RagPipeline
 from kvrag.service.settings import Settings
 
 
-def open_generator(settings: Settings, spec: str | None = None, prompt: str | None = None) -> Generator:
+def open_generator(
+    settings: Settings, spec: str | None = None, prompt: str | None = None, dtype: str | None = None
+) -> Generator:
     return Generator(
         spec or settings.generator,
         models_dir=settings.models_dir,
         device=settings.device,
         prompt=prompt or settings.prompt,
+        dtype=parse_dtype(dtype or settings.generator_dtype),
     )
 
 
@@ -44,5 +48,6 @@ def open_pipeline(
         kv,
         ape_temperature=settings.ape_temperature,
         ape_scale=settings.ape_scale,
+        ape_positions=settings.ape_positions,
         blend_ratio=settings.blend_ratio,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,12 +26,17 @@ class Settings(BaseSettings):
     embedding_cache: bool = True
     # Generation and passage KV caches.
     generator: str = "bundled:qwen2.5-coder-0.5b-instruct"
+    # auto (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16 | float16; part of every cache key
+    generator_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     prompt: str = "chat"  # chat | extractive: the prompt preset (part of every cache key)
     kv_url: str | None = None  # default: file://$KVRAG_HOME/kv (embedded, no server needed)
     kv_codec: str = "fp16"
     kv_batch_tokens: int = 4096
     ape_temperature: float = 0.9
     ape_scale: float = 1.0  # T and S tuned on XQuAD-en questions 0-199 (docs/benchmarks.md)
+    # where APE places the passages: shared positions (as in the APE paper) or distinct (re-rotated to
+    # follow each other); XQuAD-en 0-199 showed no significant difference (docs/benchmarks.md)
+    ape_positions: Literal["shared", "distinct"] = "shared"
     blend_ratio: float = 0.15  # `blend` mode: fraction of passage tokens recomputed at query time
     # HTTP service (`kvrag serve`).
     host: str = "127.0.0.1"

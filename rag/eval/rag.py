@@ -20,7 +20,7 @@ from kvrag.index.collection import Collection, CollectionConfig
 from kvrag.index.job import Document, index_documents
 from kvrag.rag.eval.squad import best_score, exact_match, f1_score, load_squad
 from kvrag.rag.generation.blend import DEFAULT_BLEND_RATIO
-from kvrag.rag.generation.prefill import MODES
+from kvrag.rag.generation.prefill import MODES, POSITIONS
 from kvrag.rag.generation.sampling import SamplingParams
 from kvrag.rag.kvcache.manager import KVCacheManager
 from kvrag.rag.pipeline import RagPipeline, passage_text
@@ -39,10 +39,20 @@ class Variant:
 
     @classmethod
     def of(
-        cls, mode: str, temperature: float, scale: float, blend_ratio: float = DEFAULT_BLEND_RATIO
+        cls,
+        mode: str,
+        temperature: float,
+        scale: float,
+        blend_ratio: float = DEFAULT_BLEND_RATIO,
+        positions: str = "shared",
     ) -> Variant:
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if positions not in POSITIONS:
+            raise InvalidInputError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        if mode in ("ape", "parallel") and positions == "distinct":
+            name = f"ape(T={temperature},S={scale},distinct)" if mode == "ape" else "parallel(distinct)"
+            return cls(name, mode, temperature, scale, positions)
         if mode == "ape":
             return cls(f"ape(T={temperature},S={scale})", mode, temperature, scale)
         if mode == "blend":

@@ -44,6 +44,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A generator dtype by name (`float32`, `bfloat16`, `float16`); `auto` or None: the device's default."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = name.strip().lower().removeprefix("torch.")
+    if key == "auto":
+        return None
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(key, key)
+    if key not in DTYPES:
+        raise InvalidInputError(f"unknown generator dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
 def model_shape(config) -> ModelShape:
     """Layer count, KV heads, head size, position limit and sliding window of a decoder config."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

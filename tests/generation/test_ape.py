@@ -539,3 +539,27 @@ def test_prefill_policy_per_layer_values_must_match_the_layers(tiny_generator):
     with pytest.raises(InvalidInputError, match="per-layer"):
         gen.prefill(policy, q, gen.context(passages))
     assert PrefillPolicy("blend").distinct and not PrefillPolicy("ape").distinct
+
+
+def test_generator_dtype_by_name_and_in_the_fingerprint(tiny_llama_dir, tmp_path):
+    from kvrag.rag.generation.loading import parse_dtype
+    from kvrag.service.runtime import open_generator
+    from kvrag.service.settings import Settings
+
+    assert parse_dtype("auto") is None and parse_dtype(None) is None
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    assert parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(InvalidInputError, match="dtype"):
+        parse_dtype("int4")
+    settings = Settings(home=tmp_path, generator=str(tiny_llama_dir), generator_dtype="bfloat16")
+    bf = open_generator(settings)
+    fp = open_generator(settings, dtype="float32")
+    assert bf.dtype is torch.bfloat16 and fp.dtype is torch.float32
+    assert next(bf.model.parameters()).dtype is torch.bfloat16
+    # caches computed in one dtype are never served to the other
+    assert bf.fingerprint != fp.fingerprint
+    # bf16 agrees with fp32 to bf16 precision on the same prompt
+    p = [fp.passage_ids("Velmora Bridge was completed in 1764.", "Velmora")]
+    q = fp.question_ids("When was it completed?")
+    a, b = fp.prefill("sequential", q, p).logits, bf.prefill("sequential", q, p).logits
+    assert torch.allclose(a, b.float(), atol=0.1 * a.abs().max().item())

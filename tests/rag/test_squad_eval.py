@@ -202,6 +202,13 @@ def test_variants() -> None:
     assert (ape.name, ape.mode, ape.temperature, ape.scale) == ("ape(T=0.5,S=0.7)", "ape", 0.5, 0.7)
     with pytest.raises(InvalidInputError):
         Variant.of("beam", 1.0, 1.0)
+    d = Variant.of("ape", 0.9, 1.0, positions="distinct")
+    assert (d.name, d.positions) == ("ape(T=0.9,S=1.0,distinct)", "distinct")
+    assert Variant.of("parallel", 1.0, 1.0, positions="distinct").name == "parallel(distinct)"
+    # blend always moves passages; sequential has no cached passages to place
+    assert Variant.of("sequential", 1.0, 1.0, positions="distinct").positions == "shared"
+    with pytest.raises(InvalidInputError, match="positions"):
+        Variant.of("ape", 0.9, 1.0, positions="stacked")
 
 
 def test_run_rag_eval_rejects_bad_ranges(
@@ -366,3 +373,25 @@ def test_eval_rag_cli_errors(cli_env, tmp_path: Path) -> None:
     assert code == 2 and "no such file" in err
     code, out, err = run_cli([*base, "--mode", "ape", "--ape-grid", "0.5"])
     assert code == 2 and "--ape-grid" in err
+    code, out, err = run_cli([*base, "--mode", "ape", "--ape-grid", "0.5:1.0:sideways"])
+    assert code == 2 and "--ape-grid" in err
+
+
+def test_eval_rag_grid_with_distinct_positions(three_modes: dict, cli_env) -> None:
+    base, _, _ = cli_env
+    code, out, err = run_cli(
+        [*base, "--mode", "ape", "--ape-temperature", "0.5", "--ape-scale", "0.5"]
+        + ["--ape-grid", "0.5:0.5:distinct,1.0:1.0:shared"]
+    )
+    assert code == 0, err
+    r = json.loads(out)["variants"]
+    assert list(r) == ["ape(T=0.5,S=0.5)", "ape(T=0.5,S=0.5,distinct)", "ape(T=1.0,S=1.0)"]
+    assert r["ape(T=0.5,S=0.5,distinct)"]["positions"] == "distinct"
+    # the same variant at shared positions is the one of the earlier run: same scores
+    shared = three_modes["variants"]["ape(T=0.5,S=0.5)"]
+    assert r["ape(T=0.5,S=0.5)"]["gold_logprob"] == pytest.approx(shared["gold_logprob"], abs=1e-6)
+    # T = S = 1 is plain parallel attention
+    par = three_modes["variants"]["parallel"]
+    assert r["ape(T=1.0,S=1.0)"]["gold_logprob"] == pytest.approx(par["gold_logprob"], abs=1e-4)
+    # moving the passages changes what the model reads
+    assert r["ape(T=0.5,S=0.5,distinct)"]["gold_logprob"] != pytest.approx(shared["gold_logprob"], abs=1e-4)
