@@ -189,7 +189,9 @@ def run_rag_eval(
     )
     kv_index["seconds"] = round(time.perf_counter() - t0, 3)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
-    per: dict[str, dict[str, list[float]]] = {v.name: {} for v in cfg.variants}
+    # a variant named twice (e.g. `--mode ape` and the same T:S in --ape-grid) is run once
+    variants = list({v.name: v for v in cfg.variants}.values())
+    per: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
     recall = []
     kv_bytes = []
     ctx_tokens = []
@@ -200,7 +202,7 @@ def run_rag_eval(
         retrieval_ms = (time.perf_counter() - t_r) * 1000
         recall.append(float(any(h.doc_id == q.paragraph_id for h in hits)))
         gold_ids = gen._encode(q.answers[0])
-        for v in cfg.variants:
+        for v in variants:
             pipeline.ape_temperature, pipeline.ape_scale = v.temperature, v.scale
             pipeline.ape_positions = v.positions
             pipeline.blend_ratio = v.blend_ratio
@@ -227,10 +229,10 @@ def run_rag_eval(
                 kv_bytes.append(prep.kv.get("bytes", 0))
             ctx_tokens.append(prep.session.context_tokens)
         if show_progress:
-            first_v = per[cfg.variants[0].name]
+            first_v = per[variants[0].name]
             bar.set_postfix(f1=f"{sum(first_v['f1']) / len(first_v['f1']):.3f}")
     results = {}
-    for v in cfg.variants:
+    for v in variants:
         m = per[v.name]
         n = len(m["f1"])
         results[v.name] = {
@@ -267,6 +269,6 @@ def run_rag_eval(
     }
     if compression is not None:
         common["compression"] = compression
-    if len(cfg.variants) == 1:
-        return {**common, **results[cfg.variants[0].name]}
+    if len(variants) == 1:
+        return {**common, **results[variants[0].name]}
     return {**common, "variants": results}

@@ -377,6 +377,21 @@ def test_eval_rag_cli_errors(cli_env, tmp_path: Path) -> None:
     assert code == 2 and "--ape-grid" in err
 
 
+def test_eval_rag_runs_a_variant_named_twice_once(cli_env) -> None:
+    base, _, _ = cli_env
+    argv = [*base, "--mode", "ape", "--ape-temperature", "0.5", "--ape-scale", "0.5", "--limit", "2"]
+    code, out, err = run_cli([*argv, "--ape-grid", "0.5:0.5"])
+    assert code == 0, err
+    twice = json.loads(out)
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    once = json.loads(out)
+    assert "variants" not in twice and twice["mode"] == "ape"
+    # each question answered once: the same kv hits (k = 2 per question) and scores as a single run
+    assert twice["kv_counters"]["hits"] == once["kv_counters"]["hits"] == 2 * 2
+    assert twice["f1"] == once["f1"] and twice["gold_logprob"] == once["gold_logprob"]
+
+
 def test_eval_rag_grid_with_distinct_positions(three_modes: dict, cli_env) -> None:
     base, _, _ = cli_env
     code, out, err = run_cli(
